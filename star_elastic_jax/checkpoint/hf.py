@@ -1,0 +1,262 @@
+"""Read and write HF NemotronH checkpoints (config.json + safetensors), streaming tensor by tensor.
+
+Loading reads only safetensors (never pickle), accepts one file or an index of shards, and both
+the on-disk ``backbone.*`` layout (one tensor per expert) and transformers' in-memory ``model.*``
+layout (fused 3-D experts). Every tensor is checked for presence and shape against the config
+before it is placed; errors name the key. Writing produces NVIDIA's on-disk layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from star_elastic_jax.checkpoint.hf_keys import Entry, entries, to_inmemory_key
+from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_IGNORED_PREFIXES = ("mtp.", "model.mtp.", "backbone.mtp.")
+
+
+class SafetensorsReader:
+    """Lazy, validated access to the tensors of one HF checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        index = os.path.join(self.path, INDEX_NAME)
+        single = os.path.join(self.path, SINGLE_NAME)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(INDEX_NAME, index, f"must be JSON with a 'weight_map' object ({e!r})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{INDEX_NAME}:weight_map", type(weight_map).__name__, "must be an object")
+            self.key_to_file = {k: os.path.join(self.path, v) for k, v in weight_map.items()}
+        elif os.path.isfile(single):
+            with safe_open(single, framework="numpy") as f:
+                self.key_to_file = {k: single for k in f.keys()}
+        else:
+            pickles = [n for n in os.listdir(self.path) if n.endswith((".bin", ".pt", ".pth"))] \
+                if os.path.isdir(self.path) else []
+            hint = f" (found {pickles}: pickle checkpoints are never loaded; re-save with safetensors)" if pickles else ""
+            raise CheckpointError("safetensors", self.path, f"directory must hold {SINGLE_NAME} or {INDEX_NAME}{hint}")
+        for file in sorted(set(self.key_to_file.values())):
+            if not os.path.isfile(file):
+                raise CheckpointError("weight_map", os.path.basename(file), "shard listed in the index is missing")
+        self._handles: dict[str, Any] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.key_to_file)
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.key_to_file:
+            raise CheckpointError(key, "missing", f"tensor required by the config is not in {self.path}")
+        file = self.key_to_file[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as e:  # safetensors raises its own errors for truncated/corrupt files
+            raise CheckpointError(key, os.path.basename(file), f"tensor could not be read ({e})") from None
+
+
+def _leaf_shapes(entry: Entry, flat: dict) -> list[tuple[int, ...]]:
+    return [tuple(flat[p].shape) for p in entry.paths]
+
+
+def _expected_hf_shape(entry: Entry, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    km = entry.km
+    shape = list(shapes[0])
+    if len(shapes) > 1:
+        shape[km.axis] = sum(s[km.axis] for s in shapes)
+    if entry.expert is not None:
+        shape = shape[1:]
+    for d in km.hf_extra_dims:
+        shape.insert(d, 1)
+    return tuple(shape)
+
+
+def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool = False, **runtime: Any):
+    """Load an HF NemotronH checkpoint directory into a :class:`~star_elastic_jax.NemotronH`.
+
+    ``dtype`` is the parameter dtype (fp32 master weights by default; ``None`` keeps each tensor's
+    stored dtype). ``e_score_correction_bias`` always loads as fp32. ``runtime`` overrides runtime
+    config fields (``compute_dtype``, ``moe_impl``...). Peak host memory is about one copy of the
+    weights plus one tensor.
+    """
+    from star_elastic_jax.model.model import NemotronH
+
+    cfg = ModelConfig.from_hf(path, **runtime)
+    reader = SafetensorsReader(path)
+    fused = any(k.startswith("model.") for k in reader.keys())
+    pdt = jnp.float32 if dtype is None else jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=pdt))
+    graphdef, state = nnx.split(abstract)
+    flat = {path_: var for path_, var in nnx.to_flat_state(state)}
+    flat_shapes = {p: v.get_value() for p, v in flat.items()}
+    loaded: dict[tuple, jax.Array] = {}
+    used: set[str] = set()
+    pending: dict[tuple, np.ndarray] = {}
+    all_entries = list(entries(cfg, fused_experts=fused))
+    for entry in _progress(all_entries, progress, "load HF"):
+        key = to_inmemory_key(entry.hf_key) if fused else entry.hf_key
+        tensor = reader.get(key)
+        used.add(key)
+        shapes = _leaf_shapes(entry, flat_shapes)
+        want = _expected_hf_shape(entry, shapes)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(key, tuple(tensor.shape), f"expected shape {want} from config.json")
+        for d in sorted(entry.km.hf_extra_dims, reverse=True):
+            tensor = np.squeeze(tensor, axis=d)
+        if len(entry.paths) > 1:
+            cuts = np.cumsum([s[entry.km.axis] for s in shapes])[:-1]
+            parts = np.split(tensor, cuts, axis=entry.km.axis)
+        else:
+            parts = [tensor]
+        for p, part in zip(entry.paths, parts):
+            target = jnp.float32 if entry.km.fp32 else (part.dtype if dtype is None else pdt)
+            if entry.expert is None:
+                loaded[p] = jnp.asarray(part, dtype=target)
+                continue
+            buf = pending.setdefault(p, np.empty(flat_shapes[p].shape, dtype=part.dtype))
+            buf[entry.expert] = part
+            if entry.expert == cfg.n_routed_experts - 1:
+                loaded[p] = jnp.asarray(pending.pop(p), dtype=target)
+    extra = sorted(k for k in reader.keys() - used if not k.startswith(_IGNORED_PREFIXES))
+    if extra:
+        raise CheckpointError("unexpected tensors", extra[:5] + (["..."] if len(extra) > 5 else []),
+                              f"{len(extra)} tensor(s) are not part of the NemotronH layout of config.json "
+                              f"(pattern {cfg.hybrid_override_pattern})")
+    for p, var in flat.items():
+        var.set_value(loaded[p])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def hf_tensors(model, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
+    """Yield ``(hf_key, numpy tensor)`` in on-disk order, one tensor at a time."""
+    if dtype not in _NP_DTYPES:
+        raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)}")
+    np_dtype = _NP_DTYPES[dtype]
+    cfg: ModelConfig = model.cfg
+    flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
+    cache: dict[tuple, np.ndarray] = {}
+    for entry in entries(cfg):
+        if any(p not in cache for p in entry.paths):
+            cache = {p: np.asarray(jax.device_get(flat[p].get_value())) for p in entry.paths}
+        arrays = [cache[p] for p in entry.paths]
+        t = np.concatenate(arrays, axis=entry.km.axis) if len(arrays) > 1 else arrays[0]
+        if entry.expert is not None:
+            t = t[entry.expert]
+        for d in entry.km.hf_extra_dims:
+            t = np.expand_dims(t, d)
+        yield entry.hf_key, np.ascontiguousarray(t.astype(np.float32 if entry.km.fp32 else np_dtype))
+
+
+def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_shard_size: int | str = "5GB",
+          progress: bool = False, extra_config: dict | None = None) -> str:
+    """Write ``model`` as an HF NemotronH checkpoint (config.json + safetensors shards + index).
+
+    The directory is written through a temporary sibling and renamed into place, so a crash never
+    leaves a half-written checkpoint under ``out_dir``. Returns ``out_dir``.
+    """
+    out_dir = os.fspath(out_dir)
+    limit = _parse_size(max_shard_size)
+    if limit <= 0:
+        raise CheckpointError("max_shard_size", max_shard_size, "must be a positive size such as '2GB'")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    try:
+        shards: list[dict[str, np.ndarray]] = []
+        files: list[str] = []
+        weight_map: dict[str, int] = {}
+        current: dict[str, np.ndarray] = {}
+        size = total = 0
+
+        def flush():
+            nonlocal current, size
+            name = f"shard-{len(files):05d}.safetensors"
+            save_file(current, os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append(name)
+            current, size = {}, 0
+
+        n = sum(1 for _ in entries(model.cfg))
+        for key, t in _progress(hf_tensors(model, dtype), progress, "write HF", total=n):
+            if current and size + t.nbytes > limit:
+                flush()
+            current[key] = t
+            weight_map[key] = len(files)
+            size += t.nbytes
+            total += t.nbytes
+        if current:
+            flush()
+        del shards
+        if len(files) == 1:
+            os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, SINGLE_NAME))
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+            for old, new in zip(files, names):
+                os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        cfg_json = model.cfg.to_hf(torch_dtype=dtype)
+        if extra_config:
+            cfg_json.update(extra_config)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg_json, f, indent=2)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is swapped out, then removed."""
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=".old-hf-", dir=os.path.dirname(os.path.abspath(out_dir)))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _progress(it: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total if total is not None else (len(it) if hasattr(it, "__len__") else None),
+                unit="tensor")
+
+
+ProgressFn = Callable[[Iterable], Iterable]

@@ -1,0 +1,441 @@
+"""ModelConfig: the Nemotron-H architecture as a frozen (hashable) dataclass.
+
+Field names follow Hugging Face's ``NemotronHConfig`` so that ``config.json`` maps 1:1.
+A handful of *runtime* fields (compute dtype, kernel choice, dt clamp) are ours and never
+written to ``config.json``.  All validation lives in :meth:`ModelConfig.validate`; it runs in
+``__post_init__`` so an invalid config can never reach XLA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+from star_elastic_jax.errors import ConfigError
+
+# One source of truth for block types: pattern char -> (HF 5.x name, legacy name).
+BLOCK_TYPES = {
+    "M": ("linear_attention", "mamba"),
+    "*": ("full_attention", "attention"),
+    "E": ("moe", "moe"),
+    "-": ("mlp", "mlp"),
+}
+_NAME_TO_CHAR = {name: ch for ch, names in BLOCK_TYPES.items() for name in names}
+BLOCK_NAMES = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
+
+# config.json keys we deliberately ignore (derived, vestigial or informational).
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "num_hidden_layers", "layers_block_type",
+    "hybrid_override_pattern", "auto_map", "dtype", "torch_dtype", "use_cache", "use_mamba_kernels",
+    "output_router_logits", "rope_theta", "partial_rotary_factor", "rope_scaling", "rope_parameters",
+    "attention_dropout", "hidden_dropout", "sliding_window", "mtp_layers_block_type",
+    "mtp_hybrid_override_pattern", "num_nextn_predict_layers", "moe_shared_expert_overlap",
+    "quantization_config", "elastic", "_name_or_path", "return_dict", "output_hidden_states",
+    "output_attentions", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder",
+    "expand", "initializer_range", "rescale_prenorm_residual", "residual_in_fp32",
+    "mamba_ssm_cache_dtype", "time_step_limit", "time_step_max", "time_step_floor",
+    "n_shared_experts", "max_position_embeddings", "num_logits_to_keep",
+}
+# Legacy key aliases NVIDIA's older configs use (same meaning, different name).
+_HF_ALIASES = {
+    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
+    "mamba_dt_max": "time_step_max", "mamba_dt_init_floor": "time_step_floor",
+    "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size", "mamba_dt_limit": "time_step_limit",
+}
+# Features of NemotronHConfig we do not implement: (field, the only supported value).
+_UNSUPPORTED = {
+    "use_bias": False, "mlp_bias": False, "attention_bias": False, "mamba_proj_bias": False,
+    "moe_latent_size": None, "tie_word_embeddings": False, "residual_in_fp32": False,
+}
+_RUNTIME_FIELDS = ("compute_dtype", "dt_clamp_min", "ssd_impl", "moe_impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Exact parameter counts. ``active`` counts only the top-k routed experts per token."""
+
+    total: int
+    active: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Nemotron-H hyper-parameters (HF field names) plus a few runtime knobs.
+
+    ``hybrid_override_pattern`` has one char per block: ``M`` Mamba2, ``*`` attention,
+    ``E`` MoE, ``-`` dense MLP.
+    """
+
+    vocab_size: int = 131072
+    hidden_size: int = 2688
+    hybrid_override_pattern: str = "M*E-"
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    max_position_embeddings: int = 262144
+    intermediate_size: int = 1856
+    mlp_hidden_act: str = "relu2"
+    ssm_state_size: int = 128
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    mamba_hidden_act: str = "silu"
+    n_groups: int = 8
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    chunk_size: int = 128
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    mamba_ssm_cache_dtype: str = "float32"
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 1856
+    moe_shared_expert_intermediate_size: int = 3712
+    n_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.0173
+    rescale_prenorm_residual: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+    num_logits_to_keep: int = 1
+    # ---- runtime fields (ours; never written to config.json) ----
+    compute_dtype: str = "float32"      # activations/matmuls: float32 | bfloat16 (params stay as stored)
+    dt_clamp_min: float | None = None   # None -> time_step_min (SPEC 1.5); 0.0 reproduces the kernel path
+    ssd_impl: str = "reference"         # chunked SSD implementation
+    moe_impl: str = "ragged"            # ragged (sorted, lax.ragged_dot) | dense (one-hot oracle)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.hybrid_override_pattern)
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_d_inner + 2 * self.n_groups * self.ssm_state_size
+
+    @property
+    def layers_block_type(self) -> list[str]:
+        return [BLOCK_TYPES[c][0] for c in self.hybrid_override_pattern]
+
+    @property
+    def effective_dt_clamp_min(self) -> float:
+        return self.time_step_min if self.dt_clamp_min is None else self.dt_clamp_min
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first inconsistent field."""
+        pat = self.hybrid_override_pattern
+        if not isinstance(pat, str) or not pat:
+            raise ConfigError("hybrid_override_pattern", pat, "a non-empty string of M * E -")
+        bad = sorted({c for c in pat if c not in BLOCK_TYPES})
+        if bad:
+            raise ConfigError("hybrid_override_pattern", pat,
+                              f"unknown character(s) {bad}; valid are 'M' (Mamba2), '*' (attention), "
+                              "'E' (MoE), '-' (MLP)")
+        for name in ("vocab_size", "hidden_size", "max_position_embeddings"):
+            _positive(self, name)
+        if "*" in pat:
+            for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+                _positive(self, name)
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ConfigError("num_key_value_heads", self.num_key_value_heads,
+                                  f"must divide num_attention_heads={self.num_attention_heads}")
+        if "M" in pat:
+            for name in ("mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel",
+                         "chunk_size"):
+                _positive(self, name)
+            if self.mamba_num_heads % self.n_groups:
+                raise ConfigError("n_groups", self.n_groups,
+                                  f"must divide mamba_num_heads={self.mamba_num_heads}")
+            if self.mamba_hidden_act != "silu":
+                raise ConfigError("mamba_hidden_act", self.mamba_hidden_act, "only 'silu' is supported")
+            if not (self.time_step_min >= 0 and math.isfinite(self.time_step_min)):
+                raise ConfigError("time_step_min", self.time_step_min, "must be a finite number >= 0")
+            if self.dt_clamp_min is not None and not (self.dt_clamp_min >= 0):
+                raise ConfigError("dt_clamp_min", self.dt_clamp_min, "must be None or >= 0")
+            if self.mamba_ssm_cache_dtype not in ("float32", "bfloat16", "float16"):
+                raise ConfigError("mamba_ssm_cache_dtype", self.mamba_ssm_cache_dtype,
+                                  "one of float32, bfloat16, float16")
+        if "E" in pat:
+            for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "moe_shared_expert_intermediate_size", "n_group", "topk_group"):
+                _positive(self, name)
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise ConfigError("num_experts_per_tok", self.num_experts_per_tok,
+                                  f"must be <= n_routed_experts={self.n_routed_experts}")
+            if self.n_routed_experts % self.n_group:
+                raise ConfigError("n_group", self.n_group, f"must divide n_routed_experts={self.n_routed_experts}")
+            if self.topk_group > self.n_group:
+                raise ConfigError("topk_group", self.topk_group, f"must be <= n_group={self.n_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.n_group > 1 and per_group < 2:
+                raise ConfigError("n_group", self.n_group,
+                                  "group routing scores the top-2 experts per group, so each group needs >= 2 "
+                                  f"experts (n_routed_experts={self.n_routed_experts})")
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                raise ConfigError("num_experts_per_tok", self.num_experts_per_tok,
+                                  f"must be <= topk_group*experts_per_group={self.topk_group * per_group}")
+        if "-" in pat:
+            _positive(self, "intermediate_size")
+        if "E" in pat or "-" in pat:
+            if self.mlp_hidden_act != "relu2":
+                raise ConfigError("mlp_hidden_act", self.mlp_hidden_act, "only 'relu2' is supported")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError("layer_norm_epsilon", self.layer_norm_epsilon, "must be > 0")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("compute_dtype", self.compute_dtype, "one of 'float32', 'bfloat16'")
+        if self.ssd_impl not in ("reference", "pallas", "auto"):
+            raise ConfigError("ssd_impl", self.ssd_impl, "one of 'reference', 'pallas', 'auto'")
+        if self.moe_impl not in ("ragged", "dense", "pallas", "auto"):
+            raise ConfigError("moe_impl", self.moe_impl, "one of 'ragged', 'dense', 'pallas', 'auto'")
+
+    # ------------------------------------------------------------------ counting
+    def param_count(self, choice: Any = None) -> ParamCount:
+        """Exact total and active parameter counts (SPEC 1.8), computed arithmetically.
+
+        ``e_score_correction_bias`` is a buffer and is not counted. ``choice`` (an
+        ``ElasticChoice``) counts a nested sub-model; ``None`` counts the full model.
+        """
+        if choice is not None:
+            from star_elastic_jax.elastic.budget import choice_param_count  # elastic layer, imported lazily
+
+            return choice_param_count(self, choice)
+        return count_params(self, per_layer_sizes(self))
+
+    def with_updates(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF interop
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **runtime: Any) -> "ModelConfig":
+        """Build from an HF ``config.json`` (a dir, a file path, or an already-parsed dict).
+
+        Accepts ``hybrid_override_pattern`` or ``layers_block_type`` with HF 5.x names
+        (linear_attention/full_attention/moe/mlp) or legacy ones (mamba/attention/moe/mlp).
+        """
+        raw = _read_hf_json(source)
+        where = str(source) if not isinstance(source, Mapping) else "config dict"
+        if raw.get("model_type", "nemotron_h") != "nemotron_h":
+            raise ConfigError("model_type", raw.get("model_type"), "must be 'nemotron_h'", context=where)
+        data = {_HF_ALIASES.get(k, k): v for k, v in raw.items()}
+        pattern = _pattern_from_hf(data, where)
+        for key, supported in _UNSUPPORTED.items():
+            if key in data and data[key] not in (supported, None if supported is None else supported):
+                raise ConfigError(key, data[key], f"only {supported!r} is supported by star_elastic_jax",
+                                  context=where)
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        kwargs = {k: v for k, v in data.items() if k in names and k != "hybrid_override_pattern"}
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+        for k in ("time_step_min", "time_step_max", "time_step_floor", "routed_scaling_factor",
+                  "layer_norm_epsilon", "initializer_range"):
+            if k in kwargs and not isinstance(kwargs[k], (int, float)):
+                raise ConfigError(k, kwargs[k], "must be a number", context=where)
+        for k, v in kwargs.items():
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == k)
+            if isinstance(default, int) and not isinstance(default, bool) and not (
+                    isinstance(v, int) and not isinstance(v, bool)) and v is not None:
+                raise ConfigError(k, v, "must be an integer", context=where)
+        try:
+            return cls(hybrid_override_pattern=pattern, **kwargs, **runtime)
+        except ConfigError as e:
+            raise ConfigError(e.field, e.value, e.valid, context=where) from None
+
+    def to_hf(self, path: str | os.PathLike | None = None, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The HF ``config.json`` dict (written to ``path`` when given: a dir or a file).
+
+        Writes ``hybrid_override_pattern`` like NVIDIA's checkpoints (SPEC 2.2).
+        """
+        out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+        for f in dataclasses.fields(self):
+            if f.name not in _RUNTIME_FIELDS:
+                out[f.name] = getattr(self, f.name)
+        out.update(num_hidden_layers=self.num_hidden_layers, tie_word_embeddings=False, use_bias=False,
+                   mlp_bias=False, attention_bias=False, mamba_proj_bias=False, moe_latent_size=None,
+                   residual_in_fp32=False, time_step_limit=[0.0, float("inf")], torch_dtype=torch_dtype,
+                   expand=2, use_cache=True)
+        if path is not None:
+            p = os.fspath(path)
+            if os.path.isdir(p):
+                p = os.path.join(p, "config.json")
+            _atomic_write_json(p, out)
+        return out
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> "ModelConfig":
+        """A named preset: ``tiny`` (CPU tests), ``small`` (benchmarks), ``nano-v3-30b``."""
+        if name not in PRESETS:
+            raise ConfigError("preset", name, f"one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **changes})
+
+    @classmethod
+    def load(cls, spec: str, **runtime: Any) -> "ModelConfig":
+        """A preset name, or a path to an HF config.json / checkpoint dir."""
+        if spec in PRESETS:
+            return cls.preset(spec, **runtime)
+        if os.path.exists(spec):
+            return cls.from_hf(spec, **runtime)
+        raise ConfigError("config", spec, f"a preset ({', '.join(sorted(PRESETS))}) or an existing path")
+
+
+def _positive(cfg: ModelConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(name, v, "must be a positive integer")
+
+
+def _read_hf_json(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    p = os.fspath(source)
+    if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+    if not os.path.isfile(p):
+        raise ConfigError("config.json", p, "file does not exist")
+    try:
+        with open(p, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError("config.json", p, f"must be valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config.json", p, "must hold a JSON object")
+    return raw
+
+
+def _pattern_from_hf(data: Mapping[str, Any], where: str) -> str:
+    if "hybrid_override_pattern" in data and data["hybrid_override_pattern"]:
+        pattern = data["hybrid_override_pattern"]
+        if not isinstance(pattern, str):
+            raise ConfigError("hybrid_override_pattern", pattern, "must be a string", context=where)
+        return pattern
+    types = data.get("layers_block_type") or data.get("layer_types")
+    if not types:
+        raise ConfigError("hybrid_override_pattern", None,
+                          "config.json needs 'hybrid_override_pattern' or 'layers_block_type'", context=where)
+    if not isinstance(types, list):
+        raise ConfigError("layers_block_type", types, "must be a list of block type names", context=where)
+    try:
+        return "".join(_NAME_TO_CHAR[t] for t in types)
+    except (KeyError, TypeError):
+        bad = [t for t in types if t not in _NAME_TO_CHAR]
+        raise ConfigError("layers_block_type", bad, f"entries must be among {sorted(_NAME_TO_CHAR)}",
+                          context=where) from None
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- exact parameter counting
+@dataclasses.dataclass(frozen=True)
+class LayerSizes:
+    """Sizes of one block that elastic slicing can change (full model: the config's)."""
+
+    kind: str  # pattern char
+    mamba_heads: int = 0
+    attn_heads: int = 0
+    experts: int = 0
+    expert_ffn: int = 0
+    mlp_ffn: int = 0
+
+
+def per_layer_sizes(cfg: ModelConfig) -> list[LayerSizes]:
+    """The per-block sizes of the full model."""
+    out = []
+    for ch in cfg.hybrid_override_pattern:
+        out.append(LayerSizes(kind=ch, mamba_heads=cfg.mamba_num_heads, attn_heads=cfg.num_attention_heads,
+                              experts=cfg.n_routed_experts, expert_ffn=cfg.moe_intermediate_size,
+                              mlp_ffn=cfg.intermediate_size))
+    return out
+
+
+def block_param_count(cfg: ModelConfig, hidden: float, s: LayerSizes) -> tuple[float, float]:
+    """(total, active) parameters of one block's mixer + its pre-norm, at ``hidden`` channels.
+
+    Works with real-valued sizes so the router loss can differentiate through the expectation.
+    """
+    H = hidden
+    norm = H
+    if s.kind == "M":
+        d_in = s.mamba_heads * cfg.mamba_head_dim
+        gn2 = 2 * cfg.n_groups * cfg.ssm_state_size
+        n = (H * (2 * d_in + gn2 + s.mamba_heads) + (d_in + gn2) * (cfg.conv_kernel + (1 if cfg.use_conv_bias else 0))
+             + 3 * s.mamba_heads + d_in + d_in * H)
+        return n + norm, n + norm
+    if s.kind == "*":
+        n = 2 * H * s.attn_heads * cfg.head_dim + 2 * H * cfg.num_key_value_heads * cfg.head_dim
+        return n + norm, n + norm
+    if s.kind == "E":
+        shared = 2 * cfg.moe_shared_expert_intermediate_size * H
+        router = s.experts * H
+        per_expert = 2 * s.expert_ffn * H
+        total = s.experts * per_expert + shared + router
+        active = cfg.num_experts_per_tok * per_expert + shared + router
+        return total + norm, active + norm
+    if s.kind == "-":
+        n = 2 * s.mlp_ffn * H
+        return n + norm, n + norm
+    raise ConfigError("hybrid_override_pattern", s.kind, "valid block chars are M * E -")
+
+
+def count_params(cfg: ModelConfig, sizes: Iterable[LayerSizes], hidden: float | None = None,
+                 keep: Iterable[bool] | None = None) -> ParamCount:
+    """Exact counts for the given per-layer sizes (``keep`` drops layers for the depth axis)."""
+    H = cfg.hidden_size if hidden is None else hidden
+    total = active = 2 * cfg.vocab_size * H + H  # embeddings + lm_head + norm_f
+    sizes = list(sizes)
+    keep = [True] * len(sizes) if keep is None else list(keep)
+    for s, k in zip(sizes, keep):
+        if k:
+            t, a = block_param_count(cfg, H, s)
+            total += t
+            active += a
+    if isinstance(total, float) or isinstance(active, float):
+        return ParamCount(total=total, active=active)  # type: ignore[arg-type]
+    return ParamCount(total=int(total), active=int(active))
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # SPEC 2.4: the CI fixture transformers itself builds (175,560 parameters).
+    "tiny": dict(vocab_size=256, hidden_size=64, hybrid_override_pattern="M*ME-M", num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=2,
+                 ssm_state_size=16, conv_kernel=4, chunk_size=8, intermediate_size=128, n_routed_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+                 n_group=1, topk_group=1, routed_scaling_factor=2.5, max_position_embeddings=4096,
+                 initializer_range=0.02),
+    "small": dict(vocab_size=4096, hidden_size=512, hybrid_override_pattern="MEMEM*EMEMEM*E",
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=64,
+                  n_groups=4, ssm_state_size=64, conv_kernel=4, chunk_size=128, intermediate_size=1024,
+                  n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                  moe_shared_expert_intermediate_size=512, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+                  max_position_embeddings=65536, initializer_range=0.02),
+    "nano-v3-30b": dict(vocab_size=131072, hidden_size=2688,
+                        hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+                        num_attention_heads=32, num_key_value_heads=2, head_dim=128, mamba_num_heads=64,
+                        mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+                        intermediate_size=1856, n_routed_experts=128, num_experts_per_tok=6,
+                        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, n_group=1,
+                        topk_group=1, routed_scaling_factor=2.5, max_position_embeddings=262144,
+                        initializer_range=0.0173),
+}

@@ -1,0 +1,58 @@
+"""Routed-expert FFN (non-gated relu2 experts), two pure-JAX implementations.
+
+``ragged``: dropless and sort-based. The ``T*k`` (token, slot) assignments are sorted by expert,
+each expert's contiguous rows go through ``lax.ragged_dot_general`` against the stacked HF-layout
+weights ``up [E, F, H]`` / ``down [E, H, F]`` (no transposed copy), then are unsorted and summed.
+``dense``: every token through every expert, combined with a one-hot weight matrix. Exact and
+simple; it is the oracle the sorted path is tested against.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from star_elastic_jax.errors import ConfigError
+
+# contract lhs dim 1 with rhs dim 2 (weights stored [E, out, in]); rhs dim 0 indexes groups.
+_RAGGED_DN = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def _relu2(x):
+    return jnp.square(jax.nn.relu(x))
+
+
+def expert_ffn_ragged(x, idx, weights, up, down):
+    """``x [T, H]``, ``idx/weights [T, k]``, ``up [E, F, H]``, ``down [E, H, F]`` -> ``[T, H]`` (fp32 combine)."""
+    T, k = idx.shape
+    E = up.shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[order // k]
+    hid = _relu2(lax.ragged_dot_general(xs, up.astype(x.dtype), group_sizes, _RAGGED_DN))
+    out = lax.ragged_dot_general(hid, down.astype(x.dtype), group_sizes, _RAGGED_DN)
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    unsorted = jnp.zeros_like(out).at[order].set(out)
+    return unsorted.reshape(T, k, -1).sum(axis=1)
+
+
+def expert_ffn_dense(x, idx, weights, up, down):
+    """Dense one-hot oracle: same contract as :func:`expert_ffn_ragged`."""
+    T, _ = idx.shape
+    E = up.shape[0]
+    combine = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], idx].add(weights.astype(jnp.float32))
+    hid = _relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
+    out = jnp.einsum("tef,ehf->teh", hid, down.astype(x.dtype))
+    return jnp.einsum("te,teh->th", combine, out.astype(jnp.float32))
+
+
+_IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "auto": expert_ffn_ragged}
+
+
+def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged"):
+    """Dispatch point for the routed experts; returns fp32 ``[T, H]``."""
+    if impl not in _IMPLS:
+        raise ConfigError("moe_impl", impl, f"one of {sorted(_IMPLS)}")
+    return _IMPLS[impl](x, idx, weights, up, down)

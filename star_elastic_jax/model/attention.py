@@ -1,0 +1,47 @@
+"""Grouped-query attention (``*`` block), SPEC 1.6. No positional encoding: Nemotron-H attention
+is position-free (HF defines rotary helpers but never calls them)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.model.params import linear, logical, normal
+
+
+def attention_mask(L: int, segment_ids: jax.Array | None) -> jax.Array:
+    """``[b or 1, L, L]`` bool: causal, and (with ``segment_ids``) within one document only."""
+    causal = jnp.tril(jnp.ones((L, L), dtype=bool))[None]
+    if segment_ids is None:
+        return causal
+    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+class Attention(nnx.Module):
+    """Causal GQA; softmax in fp32; query head ``i`` reads KV head ``i // (n_q / n_kv)``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.cfg = cfg
+        H, nq, nkv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        std = cfg.initializer_range
+        self.q_proj = logical(normal(rngs, (nq * dh, H), std, param_dtype), ("q_heads", "embed"))
+        self.k_proj = logical(normal(rngs, (nkv * dh, H), std, param_dtype), ("kv_heads", "embed"))
+        self.v_proj = logical(normal(rngs, (nkv * dh, H), std, param_dtype), ("kv_heads", "embed"))
+        self.o_proj = logical(normal(rngs, (H, nq * dh), std, param_dtype), ("embed", "q_heads"))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        b, L, _ = x.shape
+        dh, nkv = cfg.head_dim, cfg.num_key_value_heads
+        q = linear(x, self.q_proj[...]).reshape(b, L, nkv, -1, dh)  # [b, L, kv, rep, d]
+        k = linear(x, self.k_proj[...]).reshape(b, L, nkv, dh)
+        v = linear(x, self.v_proj[...]).reshape(b, L, nkv, dh)
+        scores = jnp.einsum("bqkrd,bskd->bkrqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        mask = attention_mask(L, segment_ids)[:, None, None]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkrqs,bskd->bqkrd", probs, v).reshape(b, L, -1)
+        return linear(out, self.o_proj[...])
