@@ -216,6 +216,19 @@ class ModelConfig:
             return choice_param_count(self, choice)
         return count_params(self, per_layer_sizes(self))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, runtime ones included (our own JSON form, not HF's)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError("model_config", unknown, f"unknown field(s); valid fields are {sorted(names)}")
+        return cls(**data)
+
     def with_updates(self, **changes: Any) -> "ModelConfig":
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
