@@ -3,6 +3,8 @@
 Timing rules every benchmark follows:
 
 * warm up first (``warmup`` untimed calls), then time ``repeats`` calls and report the **median**;
+  when comparing implementations, interleave them (:func:`time_interleaved`) so load drift on a
+  shared machine affects all of them alike;
 * JAX dispatch is asynchronous, so every timed call ends with :func:`block` on its result
   (``jax.block_until_ready`` on every array leaf); torch CPU calls are synchronous, and CUDA
   tensors are synchronised explicitly;
@@ -73,6 +75,27 @@ def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
         sync(fn())
         times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                     sync: Callable[[Any], Any] = block) -> dict[str, Timing]:
+    """Like :func:`time_fn` for several functions, alternating them within each repeat.
+
+    Interleaving means slow drifts of machine load (other jobs, thermal throttling) hit every
+    function alike, so the ratios between them stay meaningful on a shared machine.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(max(warmup, 0)):
+        for fn in fns.values():
+            sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(tuple(t)) for name, t in times.items()}
 
 
 def aot_compile(jitted: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -105,6 +105,9 @@ class ModelConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
     num_logits_to_keep: int = 1
+    # Per-block sizes of a heterogeneous elastic slice (None: every block uses the global fields).
+    # HF's nemotron_h config cannot express these, so to_hf refuses such configs.
+    per_layer: tuple["LayerSizes", ...] | None = None
     # ---- runtime fields (ours; never written to config.json) ----
     compute_dtype: str = "float32"      # activations/matmuls: float32 | bfloat16 (params stay as stored)
     dt_clamp_min: float | None = None   # None -> time_step_min (SPEC 1.5); 0.0 reproduces the kernel path
@@ -130,6 +133,10 @@ class ModelConfig:
     @property
     def layers_block_type(self) -> list[str]:
         return [BLOCK_TYPES[c][0] for c in self.hybrid_override_pattern]
+
+    def layer_sizes(self, i: int) -> "LayerSizes":
+        """Sizes of block ``i`` (per-layer override, else the global fields)."""
+        return per_layer_sizes(self)[i]
 
     @property
     def effective_dt_clamp_min(self) -> float:
@@ -194,6 +201,8 @@ class ModelConfig:
         if "E" in pat or "-" in pat:
             if self.mlp_hidden_act != "relu2":
                 raise ConfigError("mlp_hidden_act", self.mlp_hidden_act, "only 'relu2' is supported")
+        if self.per_layer is not None:
+            self._validate_per_layer()
         if not self.layer_norm_epsilon > 0:
             raise ConfigError("layer_norm_epsilon", self.layer_norm_epsilon, "must be > 0")
         if self.compute_dtype not in ("float32", "bfloat16"):
@@ -202,6 +211,30 @@ class ModelConfig:
             raise ConfigError("ssd_impl", self.ssd_impl, "one of 'reference', 'pallas', 'auto'")
         if self.moe_impl not in ("ragged", "dense", "pallas", "auto"):
             raise ConfigError("moe_impl", self.moe_impl, "one of 'ragged', 'dense', 'pallas', 'auto'")
+
+    def _validate_per_layer(self) -> None:
+        pl = self.per_layer
+        if not isinstance(pl, tuple) or len(pl) != self.num_hidden_layers:
+            raise ConfigError("per_layer", pl, f"a tuple of {self.num_hidden_layers} LayerSizes (one per block)")
+        for i, (s, ch) in enumerate(zip(pl, self.hybrid_override_pattern)):
+            field = f"per_layer[{i}]"
+            if not isinstance(s, LayerSizes) or s.kind != ch:
+                raise ConfigError(field, s, f"LayerSizes with kind {ch!r} (the pattern's block {i})")
+            if ch == "M" and (s.mamba_heads <= 0 or s.mamba_heads % self.n_groups):
+                raise ConfigError(f"{field}.mamba_heads", s.mamba_heads,
+                                  f"a positive multiple of n_groups={self.n_groups}")
+            if ch == "*" and (s.attn_heads <= 0 or s.attn_heads % self.num_key_value_heads):
+                raise ConfigError(f"{field}.attn_heads", s.attn_heads,
+                                  f"a positive multiple of num_key_value_heads={self.num_key_value_heads}")
+            if ch == "E":
+                if s.experts < self.num_experts_per_tok or s.experts % self.n_group:
+                    raise ConfigError(f"{field}.experts", s.experts,
+                                      f">= num_experts_per_tok={self.num_experts_per_tok} and a multiple of "
+                                      f"n_group={self.n_group}")
+                if s.expert_ffn <= 0:
+                    raise ConfigError(f"{field}.expert_ffn", s.expert_ffn, "a positive integer")
+            if ch == "-" and s.mlp_ffn <= 0:
+                raise ConfigError(f"{field}.mlp_ffn", s.mlp_ffn, "a positive integer")
 
     # ------------------------------------------------------------------ counting
     def param_count(self, choice: Any = None) -> ParamCount:
@@ -218,7 +251,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, runtime ones included (our own JSON form, not HF's)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.per_layer is not None:
+            d["per_layer"] = [dataclasses.asdict(s) for s in self.per_layer]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
@@ -227,6 +263,9 @@ class ModelConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError("model_config", unknown, f"unknown field(s); valid fields are {sorted(names)}")
+        data = dict(data)
+        if data.get("per_layer") is not None:
+            data["per_layer"] = tuple(LayerSizes(**s) for s in data["per_layer"])
         return cls(**data)
 
     def with_updates(self, **changes: Any) -> "ModelConfig":
@@ -251,7 +290,7 @@ class ModelConfig:
             if key in data and data[key] not in (supported, None if supported is None else supported):
                 raise ConfigError(key, data[key], f"only {supported!r} is supported by star_elastic_jax",
                                   context=where)
-        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS) - {"per_layer"}
         kwargs = {k: v for k, v in data.items() if k in names and k != "hybrid_override_pattern"}
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
@@ -274,9 +313,13 @@ class ModelConfig:
 
         Writes ``hybrid_override_pattern`` like NVIDIA's checkpoints (SPEC 2.2).
         """
+        if self.per_layer is not None:
+            raise ConfigError("per_layer", "heterogeneous per-layer sizes",
+                              "HF's nemotron_h config has one size per field; export a homogeneous choice, "
+                              "or keep this model in the Orbax format")
         out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
         for f in dataclasses.fields(self):
-            if f.name not in _RUNTIME_FIELDS:
+            if f.name not in _RUNTIME_FIELDS and f.name != "per_layer":
                 out[f.name] = getattr(self, f.name)
         out.update(num_hidden_layers=self.num_hidden_layers, tie_word_embeddings=False, use_bias=False,
                    mlp_bias=False, attention_bias=False, mamba_proj_bias=False, moe_latent_size=None,
@@ -373,7 +416,9 @@ class LayerSizes:
 
 
 def per_layer_sizes(cfg: ModelConfig) -> list[LayerSizes]:
-    """The per-block sizes of the full model."""
+    """The per-block sizes (the per-layer override when present, else the global fields)."""
+    if cfg.per_layer is not None:
+        return list(cfg.per_layer)
     out = []
     for ch in cfg.hybrid_override_pattern:
         out.append(LayerSizes(kind=ch, mamba_heads=cfg.mamba_num_heads, attn_heads=cfg.num_attention_heads,

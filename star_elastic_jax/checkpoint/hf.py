@@ -135,7 +135,7 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool
                 continue
             buf = pending.setdefault(p, np.empty(flat_shapes[p].shape, dtype=part.dtype))
             buf[entry.expert] = part
-            if entry.expert == cfg.n_routed_experts - 1:
+            if entry.expert == flat_shapes[p].shape[0] - 1:
                 loaded[p] = jnp.asarray(pending.pop(p), dtype=target)
     extra = sorted(k for k in reader.keys() - used if not k.startswith(_IGNORED_PREFIXES))
     if extra:

@@ -103,7 +103,7 @@ def entries(cfg: ModelConfig, *, fused_experts: bool = False) -> Iterator[Entry]
             elif fused_experts:
                 yield Entry(prefix + km.hf.replace(".{e}", "").replace(".weight", ""), paths, km)
             else:
-                for e in range(cfg.n_routed_experts):
+                for e in range(cfg.layer_sizes(i).experts):
                     yield Entry(prefix + km.hf.format(e=e), paths, km, expert=e)
     for km in GLOBAL_KEYS[1:]:
         yield Entry(km.hf, (_path((), km.ours[0]),), km)

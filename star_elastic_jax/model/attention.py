@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.config import LayerSizes, ModelConfig
 from star_elastic_jax.model.params import linear, logical, normal
 
 
@@ -23,16 +23,16 @@ def attention_mask(L: int, segment_ids: jax.Array | None) -> jax.Array:
 class Attention(nnx.Module):
     """Causal GQA; softmax in fp32; query head ``i`` reads KV head ``i // (n_q / n_kv)``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, sizes: LayerSizes, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.cfg = cfg
-        H, nq, nkv, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, nq, nkv, dh = cfg.hidden_size, sizes.attn_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         self.q_proj = logical(normal(rngs, (nq * dh, H), std, param_dtype), ("q_heads", "embed"))
         self.k_proj = logical(normal(rngs, (nkv * dh, H), std, param_dtype), ("kv_heads", "embed"))
         self.v_proj = logical(normal(rngs, (nkv * dh, H), std, param_dtype), ("kv_heads", "embed"))
         self.o_proj = logical(normal(rngs, (H, nq * dh), std, param_dtype), ("embed", "q_heads"))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
         cfg = self.cfg
         b, L, _ = x.shape
         dh, nkv = cfg.head_dim, cfg.num_key_value_heads
@@ -43,5 +43,8 @@ class Attention(nnx.Module):
         mask = attention_mask(L, segment_ids)[:, None, None]
         scores = jnp.where(mask, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkrqs,bskd->bqkrd", probs, v).reshape(b, L, -1)
+        out = jnp.einsum("bkrqs,bskd->bqkrd", probs, v)
+        if masks is not None and "heads" in masks:  # query heads are kv-group-major
+            out = out * masks["heads"].reshape(nkv, -1)[:, :, None].astype(out.dtype)
+        out = out.reshape(b, L, -1)
         return linear(out, self.o_proj[...])

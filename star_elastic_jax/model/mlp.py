@@ -20,6 +20,9 @@ class MLP(nnx.Module):
         self.up_proj = logical(normal(rngs, (width, hidden), std, param_dtype), (axis_name, "embed"))
         self.down_proj = logical(normal(rngs, (hidden, width), std, param_dtype), ("embed", axis_name))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
         del segment_ids  # token-wise
-        return linear(relu2(linear(x, self.up_proj[...])), self.down_proj[...])
+        hid = linear(x, self.up_proj[...])
+        if masks is not None and "ffn" in masks:
+            hid = hid * masks["ffn"].astype(hid.dtype)
+        return linear(relu2(hid), self.down_proj[...])

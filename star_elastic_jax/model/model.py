@@ -15,27 +15,36 @@ from star_elastic_jax.model.norms import RMSNorm
 from star_elastic_jax.model.params import logical, normal
 
 
-def make_mixer(cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, param_dtype):
-    if kind == "M":
-        return Mamba2Mixer(cfg, rngs=rngs, param_dtype=param_dtype)
-    if kind == "*":
-        return Attention(cfg, rngs=rngs, param_dtype=param_dtype)
-    if kind == "E":
-        return MoE(cfg, rngs=rngs, param_dtype=param_dtype)
-    return MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range, rngs=rngs,
-               param_dtype=param_dtype)
+def make_mixer(cfg: ModelConfig, index: int, *, rngs: nnx.Rngs, param_dtype):
+    sizes = cfg.layer_sizes(index)
+    if sizes.kind == "M":
+        return Mamba2Mixer(cfg, sizes, rngs=rngs, param_dtype=param_dtype)
+    if sizes.kind == "*":
+        return Attention(cfg, sizes, rngs=rngs, param_dtype=param_dtype)
+    if sizes.kind == "E":
+        return MoE(cfg, sizes, rngs=rngs, param_dtype=param_dtype)
+    return MLP(cfg.hidden_size, sizes.mlp_ffn, std=cfg.initializer_range, rngs=rngs, param_dtype=param_dtype)
 
 
 class Block(nnx.Module):
     """``h = x + mixer(RMSNorm(x))`` (one pre-norm, no post-norm)."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.kind = kind
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.kind = cfg.hybrid_override_pattern[index]
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, param_dtype=param_dtype)
-        self.mixer = make_mixer(cfg, kind, rngs=rngs, param_dtype=param_dtype)
+        self.mixer = make_mixer(cfg, index, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        return x + self.mixer(self.norm(x), segment_ids)
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, hidden: dict | None = None,
+                 masks: dict | None = None) -> jax.Array:
+        """``hidden = {"mask": [H], "norm": [2]}`` masks the block's input and output channels and
+        corrects its pre-norm; ``masks`` are the block's own axis masks (see elastic.masks)."""
+        if hidden is None:
+            return x + self.mixer(self.norm(x), segment_ids)
+        m = hidden["mask"].astype(x.dtype)
+        out = self.mixer(self.norm(x * m, hidden["norm"]), segment_ids, masks) * m
+        if masks is not None and "keep" in masks:
+            out = out * masks["keep"].astype(out.dtype)
+        return x + out
 
 
 class NemotronH(nnx.Module):
@@ -47,23 +56,44 @@ class NemotronH(nnx.Module):
     ``cfg.compute_dtype``; norms, the SSM, router and softmax always run in fp32.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 depth_order: tuple[int, ...] | None = None):
         self.cfg = cfg
+        # Blocks in the order the depth axis drops them (least important first); set by ranking.
+        self.depth_order = None if depth_order is None else tuple(int(i) for i in depth_order)
         V, H = cfg.vocab_size, cfg.hidden_size
         self.embeddings = logical(normal(rngs, (V, H), cfg.initializer_range, param_dtype), ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, k, rngs=rngs, param_dtype=param_dtype)
-                                for k in cfg.hybrid_override_pattern])
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs, param_dtype=param_dtype)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm_f = RMSNorm(H, cfg.layer_norm_epsilon, param_dtype=param_dtype)
         self.lm_head = logical(normal(rngs, (V, H), cfg.initializer_range, param_dtype), ("vocab", "embed"))
 
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, elastic=None) -> jax.Array:
+        """Logits ``[b, L, V]`` fp32. ``elastic``: an ``ElasticChoice`` (hard masks) or an
+        ``ElasticMasks`` pytree (hard or soft); ``None`` runs the full model."""
         check_tokens(tokens, segment_ids, self.cfg)
+        masks = self.elastic_masks(elastic)
         cdt = jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embeddings[...], tokens, axis=0).astype(cdt)
-        for layer in self.layers:
-            x = layer(x, segment_ids)
-        x = self.norm_f(x)
+        hidden = None if masks is None else masks["hidden"]
+        if hidden is not None:
+            x = x * hidden["mask"].astype(cdt)  # masked == sliced needs the embedding output masked too
+        for i, layer in enumerate(self.layers):
+            x = layer(x, segment_ids, hidden, None if masks is None else masks["layers"][i])
+        x = self.norm_f(x, None if hidden is None else hidden["norm"])
         return jnp.einsum("bld,vd->blv", x, self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32)
+
+
+    def elastic_masks(self, elastic):
+        """Normalise the ``elastic`` argument to an ElasticMasks pytree (or None)."""
+        if elastic is None or isinstance(elastic, dict):
+            return elastic
+        from star_elastic_jax.elastic.choice import ElasticChoice
+        from star_elastic_jax.elastic.masks import masks_from_choice
+
+        if isinstance(elastic, ElasticChoice):
+            return masks_from_choice(self.cfg, elastic, depth_order=self.depth_order)
+        raise DataError("elastic", type(elastic).__name__, "an ElasticChoice, an ElasticMasks dict, or None")
 
 
 def check_tokens(tokens, segment_ids, cfg: ModelConfig) -> None:
@@ -77,3 +107,31 @@ def check_tokens(tokens, segment_ids, cfg: ModelConfig) -> None:
                         f"must be <= max_position_embeddings={cfg.max_position_embeddings}")
     if segment_ids is not None and tuple(segment_ids.shape) != tuple(tokens.shape):
         raise DataError("segment_ids.shape", tuple(segment_ids.shape), f"must equal tokens.shape={tokens.shape}")
+
+
+def model_from_params(cfg: ModelConfig, params: dict, *, depth_order=None, param_dtype=jnp.float32,
+                      where: str = "params") -> NemotronH:
+    """Build a NemotronH from a flat ``{nnx path: array}`` dict without running initialisers.
+
+    Every leaf of ``cfg``'s model must be present with its exact shape; errors name the path.
+    Arrays keep their dtype unless they are numpy (then cast to the abstract leaf's dtype).
+    """
+    from star_elastic_jax.errors import CheckpointError
+
+    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                                                depth_order=depth_order))
+    graphdef, state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(state))
+    missing = [p for p, _ in flat if tuple(p) not in params]
+    if missing:
+        raise CheckpointError(where, ".".join(map(str, missing[0])), f"{len(missing)} parameter(s) missing")
+    extra = sorted(set(params) - {tuple(p) for p, _ in flat})
+    if extra:
+        raise CheckpointError(where, ".".join(map(str, extra[0])), "is not a parameter of this config")
+    for p, var in flat:
+        value = params[tuple(p)]
+        want = var.get_value()
+        if tuple(value.shape) != tuple(want.shape):
+            raise CheckpointError(".".join(map(str, p)), tuple(value.shape), f"expected shape {tuple(want.shape)}")
+        var.set_value(jnp.asarray(value, dtype=want.dtype if not isinstance(value, jax.Array) else value.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

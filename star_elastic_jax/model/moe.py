@@ -6,21 +6,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.config import LayerSizes, ModelConfig
 from star_elastic_jax.kernels.moe import expert_ffn
 from star_elastic_jax.model.mlp import MLP
 from star_elastic_jax.model.params import Buffer, logical, normal
 
 
-def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig):
+def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfig, expert_mask=None):
     """Router in fp32. Returns ``(idx [T, k] int32, weights [T, k] fp32)``.
 
     ``c = sigmoid(x W^T) + bias`` selects (bias for selection only); groups keep the ``topk_group``
     best by the sum of their top-2 ``c``; weights are the *unbiased* sigmoid scores of the
     selected experts, optionally normalised, times ``routed_scaling_factor``.
+
+    ``expert_mask [E]`` (elastic, SPEC 3.5): scores are multiplied by it (the soft mixture
+    ``sum_i pi_i sigmoid(logits masked at E_i)``) and experts with mask 0 get selection score -inf
+    (their correction bias is ignored), so a hard mask selects exactly as the sliced router does.
     """
     scores = jax.nn.sigmoid(jnp.einsum("th,eh->te", x.astype(jnp.float32), gate_weight.astype(jnp.float32)))
     choice = scores + bias.astype(jnp.float32)
+    if expert_mask is not None:
+        scores = scores * expert_mask
+        choice = jnp.where(expert_mask > 0, scores + bias.astype(jnp.float32), -jnp.inf)
     T, E = choice.shape
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)
@@ -38,9 +45,9 @@ def route(x: jax.Array, gate_weight: jax.Array, bias: jax.Array, cfg: ModelConfi
 class MoE(nnx.Module):
     """Routed experts (stacked ``[E, F, H]`` / ``[E, H, F]``) plus a shared relu2 expert."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, sizes: LayerSizes, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.cfg = cfg
-        H, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+        H, E, F = cfg.hidden_size, sizes.experts, sizes.expert_ffn
         std = cfg.initializer_range
         self.gate_weight = logical(normal(rngs, (E, H), std, param_dtype), (None, "embed"))
         self.e_score_correction_bias = logical(jnp.zeros((E,), jnp.float32), (None,), kind=Buffer)
@@ -49,11 +56,14 @@ class MoE(nnx.Module):
         self.shared_experts = MLP(H, cfg.moe_shared_expert_intermediate_size, std=std, rngs=rngs,
                                   param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
         del segment_ids  # token-wise
+        masks = masks or {}
         b, L, H = x.shape
         flat = x.reshape(b * L, H)
-        idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg)
+        idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg,
+                             masks.get("experts"))
         routed = expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
-                            impl="ragged" if self.cfg.moe_impl == "auto" else self.cfg.moe_impl)
+                            impl="ragged" if self.cfg.moe_impl == "auto" else self.cfg.moe_impl,
+                            ffn_mask=masks.get("ffn"))
         return routed.astype(x.dtype).reshape(b, L, H) + self.shared_experts(x)

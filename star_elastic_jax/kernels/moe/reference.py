@@ -23,27 +23,33 @@ def _relu2(x):
     return jnp.square(jax.nn.relu(x))
 
 
-def expert_ffn_ragged(x, idx, weights, up, down):
-    """``x [T, H]``, ``idx/weights [T, k]``, ``up [E, F, H]``, ``down [E, H, F]`` -> ``[T, H]`` (fp32 combine)."""
+def _masked(h, ffn_mask):
+    return h if ffn_mask is None else h * ffn_mask.astype(h.dtype)
+
+
+def expert_ffn_ragged(x, idx, weights, up, down, ffn_mask=None):
+    """``x [T, H]``, ``idx/weights [T, k]``, ``up [E, F, H]``, ``down [E, H, F]`` -> ``[T, H]`` (fp32 combine).
+
+    ``ffn_mask [F]`` multiplies the fc1 output of every expert before relu2 (elastic expert FFN)."""
     T, k = idx.shape
     E = up.shape[0]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     xs = x[order // k]
-    hid = _relu2(lax.ragged_dot_general(xs, up.astype(x.dtype), group_sizes, _RAGGED_DN))
+    hid = _relu2(_masked(lax.ragged_dot_general(xs, up.astype(x.dtype), group_sizes, _RAGGED_DN), ffn_mask))
     out = lax.ragged_dot_general(hid, down.astype(x.dtype), group_sizes, _RAGGED_DN)
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None].astype(jnp.float32)
     unsorted = jnp.zeros_like(out).at[order].set(out)
     return unsorted.reshape(T, k, -1).sum(axis=1)
 
 
-def expert_ffn_dense(x, idx, weights, up, down):
+def expert_ffn_dense(x, idx, weights, up, down, ffn_mask=None):
     """Dense one-hot oracle: same contract as :func:`expert_ffn_ragged`."""
     T, _ = idx.shape
     E = up.shape[0]
     combine = jnp.zeros((T, E), jnp.float32).at[jnp.arange(T)[:, None], idx].add(weights.astype(jnp.float32))
-    hid = _relu2(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)))
+    hid = _relu2(_masked(jnp.einsum("th,efh->tef", x, up.astype(x.dtype)), ffn_mask))
     out = jnp.einsum("tef,ehf->teh", hid, down.astype(x.dtype))
     return jnp.einsum("te,teh->th", combine, out.astype(jnp.float32))
 
@@ -51,8 +57,8 @@ def expert_ffn_dense(x, idx, weights, up, down):
 _IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "auto": expert_ffn_ragged}
 
 
-def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged"):
+def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None):
     """Dispatch point for the routed experts; returns fp32 ``[T, H]``."""
     if impl not in _IMPLS:
         raise ConfigError("moe_impl", impl, f"one of {sorted(_IMPLS)}")
-    return _IMPLS[impl](x, idx, weights, up, down)
+    return _IMPLS[impl](x, idx, weights, up, down, ffn_mask)
