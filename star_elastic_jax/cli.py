@@ -14,18 +14,137 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from star_elastic_jax.config import ModelConfig
     from star_elastic_jax.report import count_summary, layer_table
 
+    info = None
     if args.config is None:
-        from star_elastic_jax.checkpoint.orbax import read_config
+        from star_elastic_jax.checkpoint.orbax import read_config, read_metadata
 
         if args.ckpt is None:
             raise StarElasticError("--config/--ckpt", None, "give a preset, an HF config path, or --ckpt DIR")
         cfg = read_config(args.ckpt)
+        if "elastic" in read_metadata(args.ckpt):
+            from star_elastic_jax.checkpoint.elastic import read_elastic
+
+            info = read_elastic(args.ckpt)
     else:
         cfg = ModelConfig.load(args.config)
     print(f"pattern {cfg.hybrid_override_pattern} ({cfg.num_hidden_layers} blocks), hidden {cfg.hidden_size}, "
           f"vocab {cfg.vocab_size}")
     print(layer_table(cfg))
     print(count_summary(cfg))
+    rows = _info_rows(args, cfg, info)
+    if rows:
+        _print_budgets(args, cfg, info, rows)
+    return 0
+
+
+def _info_rows(args: argparse.Namespace, cfg, info) -> list:
+    """``[(label, ElasticChoice)]`` from --budgets, --choices and (by default) the checkpoint's budgets."""
+    import json
+
+    from star_elastic_jax.checkpoint.elastic import check_choice_lists, choice_lists_for, parse_fraction
+    from star_elastic_jax.elastic.budget import choice_for_budget
+    from star_elastic_jax.elastic.choice import ElasticChoice
+    from star_elastic_jax.errors import ChoiceError
+
+    depth_order = None if info is None else info.depth_order
+    rows: list = []
+    if args.budgets is None and info is not None:
+        rows += list(info.budgets.items())
+    if args.budgets is not None:
+        stored = None if info is None else info.choice_lists
+        if args.choice_lists is not None:
+            try:
+                stored = check_choice_lists(cfg, json.loads(args.choice_lists))
+            except (json.JSONDecodeError, ChoiceError, TypeError, AttributeError) as e:
+                raise StarElasticError("--choice-lists", args.choice_lists,
+                                       f'a JSON object {{axis: [sizes, descending]}} valid for this config ({e})'
+                                       ) from None
+        lists = choice_lists_for(cfg, stored)
+        items = [x.strip() for x in args.budgets.split(",")]
+        if not args.budgets.strip() or any(not x for x in items):
+            raise StarElasticError("--budgets", args.budgets, "a comma-separated list such as 1.0,0.78,0.577")
+        parsed = []  # (label, stored choice or fraction); validated before any (slow) resolution
+        for item in items:
+            if info is not None and item in info.budgets:
+                parsed.append((item, info.budgets[item]))
+                continue
+            try:
+                parsed.append((item, parse_fraction(item, "--budgets")))
+            except ChoiceError:
+                names = "" if info is None else f" or a budget name of --ckpt ({', '.join(sorted(info.budgets))})"
+                raise StarElasticError("--budgets", item, f"each entry must be a fraction in (0, 1]{names}") from None
+        fractions = [v for _, v in parsed if isinstance(v, float)]
+        if fractions != sorted(set(fractions), reverse=True):
+            raise StarElasticError("--budgets", args.budgets, "fractions must be distinct and in descending order "
+                                                              "(index 0 = the largest budget)")
+        rows += [(label, v if isinstance(v, ElasticChoice) else choice_for_budget(cfg, v, lists))
+                 for label, v in parsed]
+    for n, text in enumerate(args.choices or []):
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            choice = ElasticChoice.from_dict(data)
+            choice.resolve(cfg, depth_order=depth_order)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise StarElasticError("--choices", text, 'a JSON object such as \'{"hidden": 2688, "mamba_heads": 32}\' '
+                                                      f"({e})") from None
+        except ChoiceError as e:
+            raise StarElasticError("--choices", text, f"{e.field}={e.value!r}: {e.valid}") from None
+        rows.append((f"choice{n + 1}", choice))
+    return rows
+
+
+def _print_budgets(args: argparse.Namespace, cfg, info, rows) -> None:
+    from star_elastic_jax.report import (budget_table, distinct_choices, measured_storage_summary,
+                                         storage_summary)
+
+    depth_order = None if info is None else info.depth_order
+    print()
+    for label, choice in rows:
+        print(f"{label}: {choice.to_dict() or 'full model'}")
+    print(budget_table(cfg, rows, depth_order=depth_order))
+    print(storage_summary(cfg, rows, depth_order=depth_order))
+    if info is not None:
+        from star_elastic_jax.checkpoint.elastic import measure_storage
+
+        distinct = dict(distinct_choices(cfg, rows, depth_order=depth_order))
+        nested, sizes = measure_storage(info.path, distinct)
+        print(measured_storage_summary(nested, sizes))
+
+
+def _cmd_slice(args: argparse.Namespace) -> int:
+    from star_elastic_jax.checkpoint.elastic import slice_checkpoint
+    from star_elastic_jax.errors import ChoiceError
+
+    try:
+        res = slice_checkpoint(args.ckpt, args.budget, args.out, hf=args.hf, dtype=args.dtype,
+                               max_shard_size=args.max_shard_size)
+    except ChoiceError as e:
+        if e.field == "budget":
+            raise StarElasticError("--budget", e.value, e.valid) from None
+        raise
+    pc = res.cfg.param_count()
+    print(f"budget {args.budget} -> {res.choice.to_dict() or 'full model'}")
+    print(f"wrote {'HF' if args.hf else 'Orbax'} checkpoint {res.out} ({pc.total:,} parameters, {pc.active:,} active)")
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from star_elastic_jax.checkpoint.hf import params_to_hf
+
+    if args.elastic:
+        from star_elastic_jax.checkpoint.elastic import export_elastic_hf, read_elastic
+
+        info = read_elastic(args.ckpt)
+        export_elastic_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        print(f"wrote elastic HF checkpoint {args.out} ({args.dtype}; budgets: {', '.join(info.budgets) or 'none'})")
+    else:
+        from star_elastic_jax.checkpoint.orbax import load_params
+
+        cfg, params = load_params(args.ckpt)
+        params_to_hf(cfg, params, args.out, args.dtype, max_shard_size=args.max_shard_size)
+        print(f"wrote HF checkpoint {args.out} ({args.dtype})")
     return 0
 
 
@@ -60,10 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="print the layer table and parameter counts of a config or checkpoint",
-                          description="Print the layer table and exact total/active parameter counts.")
+                          description="Print the layer table and exact total/active parameter counts; with "
+                                      "--budgets/--choices (or an elastic --ckpt) also every sub-model's sizes and "
+                                      "counts and the nested-vs-separate storage.")
     src = info.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="preset (tiny, small, nano-v3-30b) or path to an HF config.json / dir")
-    src.add_argument("--ckpt", help="a star_elastic_jax Orbax checkpoint directory")
+    src.add_argument("--ckpt", help="a star_elastic_jax Orbax checkpoint directory (an elastic one adds its budgets "
+                                    "and measured on-disk storage)")
+    info.add_argument("--budgets", metavar="LIST",
+                      help="descending active-parameter fractions (and/or budget names of --ckpt), e.g. "
+                           "1.0,0.78,0.577, each resolved to the best choice over the choice lists")
+    info.add_argument("--choice-lists", metavar="JSON",
+                      help='candidate sizes per axis for --budgets, e.g. \'{"hidden": [2688, 1920]}\' (default: the '
+                           "checkpoint's lists, SPEC 3.2's for nano-v3-30b, else 100/75/50%% of each axis)")
+    info.add_argument("--choices", metavar="JSON", action="append",
+                      help='an explicit choice, e.g. \'{"hidden": 2688, "mamba_heads": 32, "experts": 128, '
+                           '"expert_ffn": 1328}\' (repeatable)')
     info.set_defaults(func=_cmd_info)
 
     conv = sub.add_parser("convert", help="convert between HF safetensors and Orbax checkpoints",
@@ -77,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tensor dtype of the HF checkpoint (default bfloat16, like NVIDIA's)")
     conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     conv.set_defaults(func=_cmd_convert)
+
+    sl = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint (pure array slicing)",
+                        description="Zero-shot slicing: restore the elastic checkpoint's arrays (no model is built "
+                                    "or compiled), keep the budget's prefixes, write an Orbax or HF checkpoint. The "
+                                    "source is only read.")
+    sl.add_argument("--ckpt", required=True, metavar="DIR", help="elastic Orbax checkpoint (save_elastic)")
+    sl.add_argument("--budget", required=True, metavar="NAME|FRACTION",
+                    help="a budget name stored in the checkpoint, or a fraction of active parameters in (0, 1]")
+    sl.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    sl.add_argument("--hf", action="store_true", help="write HF NemotronH safetensors instead of Orbax "
+                                                      "(homogeneous budgets only)")
+    sl.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                    help="tensor dtype (default: bfloat16 with --hf, the stored dtypes for Orbax)")
+    sl.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --hf (default 5GB)")
+    sl.set_defaults(func=_cmd_slice)
+
+    ex = sub.add_parser("export-hf", help="write a checkpoint in HF format (--elastic: with budgets and recipe)",
+                        description="Write the full model in HF NemotronH format. With --elastic (an elastic "
+                                    "checkpoint), config.json gets an 'elastic' block: budgets with their sliced "
+                                    "config fields and counts, and the per-tensor slicing recipe that "
+                                    "star_elastic_jax/export/slice_hf.py (torch only) applies.")
+    ex.add_argument("--ckpt", required=True, metavar="DIR", help="Orbax checkpoint directory to read")
+    ex.add_argument("--out", required=True, metavar="DIR", help="HF checkpoint directory to write")
+    ex.add_argument("--elastic", action="store_true", help="add the elastic block (needs an elastic checkpoint)")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                    help="tensor dtype (default bfloat16)")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    ex.set_defaults(func=_cmd_export_hf)
 
     demo = sub.add_parser("demo", help="build the tiny model, run it, export to HF and compare with transformers",
                           description="End-to-end check on CPU: tiny preset -> forward -> HF export -> "

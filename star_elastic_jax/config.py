@@ -25,19 +25,6 @@ BLOCK_TYPES = {
 _NAME_TO_CHAR = {name: ch for ch, names in BLOCK_TYPES.items() for name in names}
 BLOCK_NAMES = {"M": "mamba2", "*": "attention", "E": "moe", "-": "mlp"}
 
-# config.json keys we deliberately ignore (derived, vestigial or informational).
-_IGNORED_HF_KEYS = {
-    "architectures", "model_type", "transformers_version", "num_hidden_layers", "layers_block_type",
-    "hybrid_override_pattern", "auto_map", "dtype", "torch_dtype", "use_cache", "use_mamba_kernels",
-    "output_router_logits", "rope_theta", "partial_rotary_factor", "rope_scaling", "rope_parameters",
-    "attention_dropout", "hidden_dropout", "sliding_window", "mtp_layers_block_type",
-    "mtp_hybrid_override_pattern", "num_nextn_predict_layers", "moe_shared_expert_overlap",
-    "quantization_config", "elastic", "_name_or_path", "return_dict", "output_hidden_states",
-    "output_attentions", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder",
-    "expand", "initializer_range", "rescale_prenorm_residual", "residual_in_fp32",
-    "mamba_ssm_cache_dtype", "time_step_limit", "time_step_max", "time_step_floor",
-    "n_shared_experts", "max_position_embeddings", "num_logits_to_keep",
-}
 # Legacy key aliases NVIDIA's older configs use (same meaning, different name).
 _HF_ALIASES = {
     "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
@@ -209,7 +196,7 @@ class ModelConfig:
             raise ConfigError("compute_dtype", self.compute_dtype, "one of 'float32', 'bfloat16'")
         if self.ssd_impl not in ("reference", "pallas", "auto"):
             raise ConfigError("ssd_impl", self.ssd_impl, "one of 'reference', 'pallas', 'auto'")
-        if self.moe_impl not in ("ragged", "dense", "pallas", "auto"):
+        if self.moe_impl not in ("ragged", "dense", "blocked", "pallas", "auto"):
             raise ConfigError("moe_impl", self.moe_impl, "one of 'ragged', 'dense', 'pallas', 'auto'")
 
     def _validate_per_layer(self) -> None:
@@ -300,6 +287,8 @@ class ModelConfig:
                 raise ConfigError(k, kwargs[k], "must be a number", context=where)
         for k, v in kwargs.items():
             default = next(f.default for f in dataclasses.fields(cls) if f.name == k)
+            if isinstance(default, bool) and not isinstance(v, bool):
+                raise ConfigError(k, v, "must be true or false", context=where)
             if isinstance(default, int) and not isinstance(default, bool) and not (
                     isinstance(v, int) and not isinstance(v, bool)) and v is not None:
                 raise ConfigError(k, v, "must be an integer", context=where)

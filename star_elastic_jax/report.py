@@ -54,3 +54,80 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+# ---------------------------------------------------------------------- elastic budgets and storage
+PAPER_STORAGE_NOTE = "paper [SE]: 126.1 GB separate (30B+23B+12B) vs 58.9 GB nested = 2.14x"
+
+
+def _shown_axes(cfg: ModelConfig, resolved) -> list[str]:
+    from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES
+
+    axes = ["hidden"] + [a for a in PER_LAYER_AXES if any(k in cfg.hybrid_override_pattern for k in AXES[a].kinds)]
+    if any(not all(r.keep) for r in resolved):
+        axes.append("depth")
+    return axes
+
+
+def _axis_value(cfg: ModelConfig, r, axis: str) -> str:
+    from star_elastic_jax.elastic.axes import AXES, layers_of
+
+    if axis == "hidden":
+        return str(r.hidden)
+    if axis == "depth":
+        return str(sum(r.keep))
+    vals = [getattr(r.layer_sizes[i], AXES[axis].layer_field) for i in layers_of(cfg, axis) if r.keep[i]]
+    if not vals:
+        return "-"
+    return str(vals[0]) if len(set(vals)) == 1 else f"{min(vals)}..{max(vals)}"
+
+
+def budget_table(cfg: ModelConfig, rows, *, depth_order=None) -> str:
+    """One row per ``(label, ElasticChoice)``: the resolved per-axis sizes (``a..b`` for per-layer
+    ranges), exact total and active parameters, active fraction of the full model, BF16 bytes."""
+    from star_elastic_jax.config import count_params
+    from star_elastic_jax.elastic.choice import resolve_choice
+
+    resolved = [resolve_choice(cfg, c, depth_order=depth_order) for _, c in rows]
+    axes = _shown_axes(cfg, resolved)
+    full_active = cfg.param_count().active
+    out = [("budget", *axes, "total", "active", "active frac", "bf16 bytes")]
+    for (label, _), r in zip(rows, resolved):
+        pc = count_params(cfg, r.layer_sizes, hidden=r.hidden, keep=r.keep)
+        out.append((str(label), *(_axis_value(cfg, r, a) for a in axes), f"{pc.total:,}", f"{pc.active:,}",
+                    f"{pc.active / full_active:.4f}", f"{pc.total * 2:,} ({human_bytes(pc.total * 2)})"))
+    return format_table(out)
+
+
+def distinct_choices(cfg: ModelConfig, rows, *, depth_order=None) -> list[tuple[str, object]]:
+    """``rows`` without repeats of the same sub-model (equal resolved sizes), first label kept."""
+    from star_elastic_jax.elastic.choice import resolve_choice
+
+    seen, out = set(), []
+    for label, c in rows:
+        r = resolve_choice(cfg, c, depth_order=depth_order)
+        if r not in seen:
+            seen.add(r)
+            out.append((label, c))
+    return out
+
+
+def storage_summary(cfg: ModelConfig, rows, *, depth_order=None) -> str:
+    """Nested (one full BF16 model) vs separate (one BF16 checkpoint per distinct sub-model)."""
+    from star_elastic_jax.elastic.budget import choice_param_count
+
+    distinct = distinct_choices(cfg, rows, depth_order=depth_order)
+    nested = cfg.param_count().total * 2
+    separate = sum(choice_param_count(cfg, c, depth_order=depth_order).total * 2 for _, c in distinct)
+    labels = ", ".join(str(label) for label, _ in distinct)
+    return (f"storage, BF16 parameters: nested {nested:,} B ({human_bytes(nested)}) vs separate {separate:,} B "
+            f"({human_bytes(separate)}, {len(distinct)} distinct sub-model(s): {labels}) -> separate/nested = "
+            f"{separate / nested:.2f}x   [{PAPER_STORAGE_NOTE}]")
+
+
+def measured_storage_summary(nested: int, sizes: dict) -> str:
+    separate = sum(sizes.values())
+    per = ", ".join(f"{label} {human_bytes(b)}" for label, b in sizes.items())
+    return (f"storage measured on disk: nested checkpoint {nested:,} B ({human_bytes(nested)}) vs separately sliced "
+            f"checkpoints {separate:,} B ({human_bytes(separate)}: {per}) -> separate/nested = "
+            f"{separate / nested:.2f}x")

@@ -48,7 +48,7 @@ class SafetensorsReader:
                 raise CheckpointError(f"{INDEX_NAME}:weight_map", type(weight_map).__name__, "must be an object")
             self.key_to_file = {k: os.path.join(self.path, v) for k, v in weight_map.items()}
         elif os.path.isfile(single):
-            with safe_open(single, framework="numpy") as f:
+            with _open_safetensors(single) as f:
                 self.key_to_file = {k: single for k in f.keys()}
         else:
             pickles = [n for n in os.listdir(self.path) if n.endswith((".bin", ".pt", ".pth"))] \
@@ -68,11 +68,31 @@ class SafetensorsReader:
             raise CheckpointError(key, "missing", f"tensor required by the config is not in {self.path}")
         file = self.key_to_file[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
+            self._handles[file] = _open_safetensors(file)
         try:
             return self._handles[file].get_tensor(key)
         except Exception as e:  # safetensors raises its own errors for truncated/corrupt files
             raise CheckpointError(key, os.path.basename(file), f"tensor could not be read ({e})") from None
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_safetensors(file: str):
+    """``safe_open`` (numpy, never pickle) with a CheckpointError naming the file on corruption."""
+    try:
+        handle = safe_open(file, framework="numpy")
+        return handle.__enter__()
+    except Exception as e:  # SafetensorError / OSError for truncated or garbage files
+        raise CheckpointError(os.path.basename(file), file, f"not a readable safetensors file ({e})") from None
 
 
 def _leaf_shapes(entry: Entry, flat: dict) -> list[tuple[int, ...]]:
@@ -99,10 +119,14 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool
     config fields (``compute_dtype``, ``moe_impl``...). Peak host memory is about one copy of the
     weights plus one tensor.
     """
+    cfg = ModelConfig.from_hf(path, **runtime)
+    with SafetensorsReader(path) as reader:
+        return _load(cfg, reader, dtype, progress)
+
+
+def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: bool):
     from star_elastic_jax.model.model import NemotronH
 
-    cfg = ModelConfig.from_hf(path, **runtime)
-    reader = SafetensorsReader(path)
     fused = any(k.startswith("model.") for k in reader.keys())
     pdt = jnp.float32 if dtype is None else jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=pdt))
@@ -160,15 +184,32 @@ def _parse_size(size: int | str) -> int:
 
 def hf_tensors(model, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
     """Yield ``(hf_key, numpy tensor)`` in on-disk order, one tensor at a time."""
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    return hf_tensors_from_params(model.cfg, _LazyValues(flat), dtype)
+
+
+class _LazyValues(dict):
+    """``{path: Variable}`` read as ``{path: array}`` (values fetched when indexed)."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(key).get_value()
+
+
+def hf_tensors_from_params(cfg: ModelConfig, params, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
+    """Yield ``(hf_key, numpy tensor)`` in on-disk order from a flat ``{nnx path: array}`` dict of a
+    model of ``cfg`` (jax or numpy arrays), one tensor at a time."""
     if dtype not in _NP_DTYPES:
         raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)}")
-    np_dtype = _NP_DTYPES[dtype]
-    cfg: ModelConfig = model.cfg
-    flat = {p: v for p, v in nnx.to_flat_state(nnx.state(model))}
+    if cfg.per_layer is not None:
+        cfg.to_hf()  # raises the ConfigError that explains why heterogeneous slices have no HF form
+    return _hf_tensors(cfg, params, _NP_DTYPES[dtype])
+
+
+def _hf_tensors(cfg: ModelConfig, params, np_dtype) -> Iterable[tuple[str, np.ndarray]]:
     cache: dict[tuple, np.ndarray] = {}
     for entry in entries(cfg):
         if any(p not in cache for p in entry.paths):
-            cache = {p: np.asarray(jax.device_get(flat[p].get_value())) for p in entry.paths}
+            cache = {p: np.asarray(jax.device_get(params[p])) for p in entry.paths}
         arrays = [cache[p] for p in entry.paths]
         t = np.concatenate(arrays, axis=entry.km.axis) if len(arrays) > 1 else arrays[0]
         if entry.expert is not None:
@@ -185,15 +226,35 @@ def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_sha
     The directory is written through a temporary sibling and renamed into place, so a crash never
     leaves a half-written checkpoint under ``out_dir``. Returns ``out_dir``.
     """
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    return params_to_hf(model.cfg, _LazyValues(flat), out_dir, dtype, max_shard_size=max_shard_size,
+                        progress=progress, extra_config=extra_config)
+
+
+def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: str = "bfloat16", *,
+                 max_shard_size: int | str = "5GB", progress: bool = False, extra_config: dict | None = None,
+                 extra_files: dict[str, dict[str, np.ndarray]] | None = None) -> str:
+    """:func:`to_hf` for a flat ``{nnx path: array}`` dict of a model of ``cfg`` (no model needed).
+
+    ``extra_config`` entries are merged into config.json; ``extra_files`` (file name -> tensors) are
+    written as extra safetensors files beside the shards, outside the weight index (e.g. the
+    elastic router). Heterogeneous (``per_layer``) configs raise :class:`ConfigError` before
+    anything is written.
+    """
     out_dir = os.fspath(out_dir)
     limit = _parse_size(max_shard_size)
     if limit <= 0:
         raise CheckpointError("max_shard_size", max_shard_size, "must be a positive size such as '2GB'")
+    cfg_json = cfg.to_hf(torch_dtype=dtype)  # validates: raises ConfigError for heterogeneous configs
+    tensors = hf_tensors_from_params(cfg, params, dtype)
+    for name in extra_files or {}:
+        if not name.endswith(".safetensors") or os.path.basename(name) != name or name == SINGLE_NAME \
+                or name.startswith("model-"):
+            raise CheckpointError("extra_files", name, "a plain '*.safetensors' file name not used by the shards")
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
     try:
-        shards: list[dict[str, np.ndarray]] = []
         files: list[str] = []
         weight_map: dict[str, int] = {}
         current: dict[str, np.ndarray] = {}
@@ -206,8 +267,8 @@ def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_sha
             files.append(name)
             current, size = {}, 0
 
-        n = sum(1 for _ in entries(model.cfg))
-        for key, t in _progress(hf_tensors(model, dtype), progress, "write HF", total=n):
+        n = sum(1 for _ in entries(cfg))
+        for key, t in _progress(tensors, progress, "write HF", total=n):
             if current and size + t.nbytes > limit:
                 flush()
             current[key] = t
@@ -216,7 +277,6 @@ def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_sha
             total += t.nbytes
         if current:
             flush()
-        del shards
         if len(files) == 1:
             os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, SINGLE_NAME))
         else:
@@ -226,7 +286,9 @@ def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_sha
             index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
             with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
-        cfg_json = model.cfg.to_hf(torch_dtype=dtype)
+        for name, extra in (extra_files or {}).items():
+            save_file({k: np.ascontiguousarray(v) for k, v in extra.items()}, os.path.join(tmp, name),
+                      metadata={"format": "pt"})
         if extra_config:
             cfg_json.update(extra_config)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:

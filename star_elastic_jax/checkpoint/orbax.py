@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,20 +24,56 @@ CONFIG_NAME = "model_config.json"
 METADATA_NAME = "metadata.json"
 STATE_DIR = "state"
 FORMAT = "star_elastic_jax.model/1"
+_RESERVED_NAMES = {STATE_DIR, CONFIG_NAME, METADATA_NAME}
+Path = tuple  # an nnx state path, e.g. ("layers", 3, "mixer", "in_proj_x")
 
 
-def save_model(model, directory: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> str:
-    """Save ``model`` (an ``NemotronH``) to ``directory`` atomically. Returns the directory."""
+def flat_params(model) -> dict[Path, Any]:
+    """``{nnx path: array}`` of every variable of ``model`` (parameters and buffers)."""
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def save_model(model, directory: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
+               extra_state: dict[str, Any] | None = None) -> str:
+    """Save ``model`` (an ``NemotronH``) to ``directory`` atomically. Returns the directory.
+
+    ``extra_state`` (name -> pytree of arrays, e.g. ``{"router": ...}``) is saved beside the model
+    state in ``directory/<name>``, inside the same atomic write; read it with :func:`load_extra_state`.
+    """
+    return _save(model.cfg, flat_params(model), directory, metadata, extra_state)
+
+
+def save_params(cfg: ModelConfig, params: Mapping[Path, Any], directory: str | os.PathLike, *,
+                metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> str:
+    """Save a flat ``{nnx path: array}`` dict (jax or numpy arrays) as a model checkpoint of ``cfg``.
+
+    The leaves must be exactly those of ``NemotronH(cfg)`` with its shapes (checked before anything
+    is written; dtypes are kept as given). Same atomic layout as :func:`save_model`, so
+    :func:`load_model` / :func:`load_params` read it.
+    """
+    check_params(cfg, params)
+    return _save(cfg, params, directory, metadata, extra_state)
+
+
+def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, extra_state) -> str:
+    extra_state = dict(extra_state or {})
+    for name in extra_state:
+        if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED_NAMES:
+            raise CheckpointError("extra_state", name,
+                                  f"names must be identifiers other than {sorted(_RESERVED_NAMES)}")
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
     try:
-        state = nnx.to_pure_dict(nnx.state(model))
+        state = nnx.traversals.unflatten_mapping({tuple(p): v for p, v in params.items()})
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, STATE_DIR), state)
+            for name, tree in extra_state.items():
+                if tree is not None:
+                    ckptr.save(os.path.join(tmp, name), tree)
             ckptr.wait_until_finished()
-        _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": model.cfg.to_dict()})
+        _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
         _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
         if os.path.exists(directory):
             old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
@@ -51,6 +87,28 @@ def save_model(model, directory: str | os.PathLike, *, metadata: dict[str, Any] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def abstract_params(cfg: ModelConfig) -> dict[Path, Any]:
+    """``{nnx path: ShapeDtypeStruct}`` of ``NemotronH(cfg)`` (traced abstractly: no init, no compile)."""
+    from star_elastic_jax.model.model import NemotronH
+
+    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract))}
+
+
+def check_params(cfg: ModelConfig, params: Mapping[Path, Any], where: str = "params") -> None:
+    """Raise :class:`CheckpointError` unless ``params`` has exactly ``NemotronH(cfg)``'s leaves and shapes."""
+    want = abstract_params(cfg)
+    missing = [p for p in want if p not in params]
+    if missing:
+        raise CheckpointError(where, ".".join(map(str, missing[0])), f"{len(missing)} parameter(s) missing")
+    extra = [p for p in params if p not in want]
+    if extra:
+        raise CheckpointError(where, ".".join(map(str, extra[0])), "is not a parameter of this config")
+    for p, a in want.items():
+        if tuple(params[p].shape) != tuple(a.shape):
+            raise CheckpointError(".".join(map(str, p)), tuple(params[p].shape), f"expected shape {tuple(a.shape)}")
 
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
@@ -89,6 +147,59 @@ def load_model(directory: str | os.PathLike, **runtime: Any):
         raise CheckpointError("checkpoint", directory, f"state does not match its model_config.json ({e})") from None
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def load_params(directory: str | os.PathLike) -> tuple[ModelConfig, dict[Path, Any]]:
+    """Restore a checkpoint's arrays as a flat ``{nnx path: jax.Array}`` dict, *without building the
+    model*: the target's shapes come from the stored config (verified), its dtypes are the stored
+    ones (a bf16 checkpoint stays bf16). Opens the checkpoint read-only. Returns ``(cfg, params)``."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(os.path.join(directory, STATE_DIR)):
+        raise CheckpointError("checkpoint", directory, f"not a star_elastic_jax checkpoint (no '{STATE_DIR}/')")
+    cfg = read_config(directory)
+    want = abstract_params(cfg)
+    state_dir = os.path.join(directory, STATE_DIR)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            stored = nnx.traversals.flatten_mapping(_tree_of(ckptr.metadata(state_dir)))
+            stored = {tuple(str(k) for k in p): m for p, m in stored.items()}
+            target = {}
+            for p, a in want.items():
+                meta = stored.get(tuple(str(k) for k in p))
+                if meta is None:
+                    raise CheckpointError(".".join(map(str, p)), "missing", f"not in {state_dir}")
+                if tuple(meta.shape) != tuple(a.shape):
+                    raise CheckpointError(".".join(map(str, p)), tuple(meta.shape),
+                                          f"expected shape {tuple(a.shape)} from {CONFIG_NAME}")
+                target[p] = jax.ShapeDtypeStruct(a.shape, meta.dtype, sharding=one_device)
+            restored = ckptr.restore(state_dir, nnx.traversals.unflatten_mapping(target))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError("checkpoint", directory, f"state does not match its model_config.json ({e})") from None
+    return cfg, {tuple(p): v for p, v in nnx.traversals.flatten_mapping(restored).items()}
+
+
+def load_extra_state(directory: str | os.PathLike, name: str) -> Any | None:
+    """The ``extra_state[name]`` pytree saved with the checkpoint (``None`` when absent). Restored
+    against a target built from the stored array metadata; dict keys come back as strings."""
+    path = os.path.join(os.path.abspath(os.fspath(directory)), name)
+    if name in _RESERVED_NAMES or not os.path.isdir(path):
+        return None
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = _tree_of(ckptr.metadata(path))
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one_device), meta)
+            return ckptr.restore(path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(name, path, f"could not be restored ({e})") from None
+
+
+def _tree_of(step_metadata) -> Any:
+    item = getattr(step_metadata, "item_metadata", step_metadata)
+    return getattr(item, "tree", item)
 
 
 def _write_json(path: str, obj: Any) -> None:

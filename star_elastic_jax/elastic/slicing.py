@@ -86,7 +86,11 @@ def slice_model(model, choice: ElasticChoice):
 
     from star_elastic_jax.model.model import model_from_params
 
-    params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+    import jax
+    import numpy as np
+
+    # On the host: basic numpy slicing compiles nothing (eager JAX slicing would compile per shape).
+    params = {tuple(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(nnx.state(model))}
     r = resolve_choice(model.cfg, choice, depth_order=model.depth_order)
     new_cfg, new_params = slice_params(model.cfg, params, choice, depth_order=model.depth_order)
     return model_from_params(new_cfg, new_params, depth_order=sliced_depth_order(model.depth_order, r.keep))

@@ -33,6 +33,11 @@ class Attention(nnx.Module):
         self.o_proj = logical(normal(rngs, (H, nq * dh), std, param_dtype), ("embed", "q_heads"))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
+        b, L, _ = x.shape
+        return linear(self.head_outputs(x, segment_ids, masks).reshape(b, L, -1), self.o_proj[...])
+
+    def head_outputs(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None):
+        """Per-head attention outputs ``[b, L, kv, rep, d]`` (the o_proj input)."""
         cfg = self.cfg
         b, L, _ = x.shape
         dh, nkv = cfg.head_dim, cfg.num_key_value_heads
@@ -46,5 +51,4 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkrqs,bskd->bqkrd", probs, v)
         if masks is not None and "heads" in masks:  # query heads are kv-group-major
             out = out * masks["heads"].reshape(nkv, -1)[:, :, None].astype(out.dtype)
-        out = out.reshape(b, L, -1)
-        return linear(out, self.o_proj[...])
+        return out

@@ -7,6 +7,7 @@ from flax import nnx
 
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import DataError
+from star_elastic_jax.kernels.ssd import document_starts
 from star_elastic_jax.model.attention import Attention
 from star_elastic_jax.model.mamba2 import Mamba2Mixer
 from star_elastic_jax.model.mlp import MLP
@@ -72,6 +73,10 @@ class NemotronH(nnx.Module):
         """Logits ``[b, L, V]`` fp32. ``elastic``: an ``ElasticChoice`` (hard masks) or an
         ``ElasticMasks`` pytree (hard or soft); ``None`` runs the full model."""
         check_tokens(tokens, segment_ids, self.cfg)
+        if segment_ids is not None:
+            # Documents are runs of equal ids; renumber runs so a reused label (0, 1, 0) never
+            # joins two documents in attention or the conv window (the SSM resets on any change).
+            segment_ids = jnp.cumsum(document_starts(segment_ids), axis=1)
         masks = self.elastic_masks(elastic)
         cdt = jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embeddings[...], tokens, axis=0).astype(cdt)

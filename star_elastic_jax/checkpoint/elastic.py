@@ -1,0 +1,435 @@
+"""Nested elastic checkpoints: ONE Orbax checkpoint holding the permuted parent (every sub-model is
+a prefix of it), its named budgets, choice lists, depth ranking and (optionally) router state.
+
+Layout: a :func:`checkpoint.orbax.save_model` checkpoint whose ``metadata.json`` has an ``elastic``
+block (format_version, axes description, budgets as choice dicts, choice lists, depth order,
+``permuted: true``); router state and importance scores, when given, are Orbax pytrees in
+``router/`` and ``scores/`` inside the same atomic write.
+
+Also here: zero-shot slicing of such a checkpoint to one budget (Orbax or HF output) and the
+elastic HF export (full parent + ``config.json["elastic"]`` with the slicing recipe). Both work on
+the stored arrays only: the model is never built or compiled, and the source is only read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.elastic.budget import (choice_for_budget, default_choice_lists, nano_choice_lists,
+                                             validate_budget)
+from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
+from star_elastic_jax.errors import CheckpointError, ChoiceError
+
+FORMAT_VERSION = 1
+ROUTER_STATE = "router"
+SCORES_STATE = "scores"
+ROUTER_HF_FILE = "elastic_router.safetensors"
+ChoiceResolver = Callable[[ModelConfig, float], ElasticChoice]
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticInfo:
+    """An elastic checkpoint's metadata (no arrays loaded)."""
+
+    path: str
+    cfg: ModelConfig
+    budgets: dict[str, ElasticChoice]
+    choice_lists: dict[str, list[int]] | None
+    depth_order: tuple[int, ...] | None
+    format_version: int
+    permuted: bool = True
+
+
+@dataclasses.dataclass
+class ElasticCheckpoint:
+    """A loaded elastic checkpoint: the permuted parent model and everything needed to slice it."""
+
+    model: Any
+    budgets: dict[str, ElasticChoice]
+    choice_lists: dict[str, list[int]] | None
+    depth_order: tuple[int, ...] | None
+    router_state: Any | None
+    format_version: int
+    scores: Any | None = None
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def axes_description() -> dict[str, dict[str, Any]]:
+    from star_elastic_jax.elastic.hf_recipe import axes_description as describe
+
+    return describe()
+
+
+def _check_budgets(cfg: ModelConfig, budgets: Mapping[str, ElasticChoice], depth_order) -> dict[str, ElasticChoice]:
+    if not isinstance(budgets, Mapping):
+        raise ChoiceError("budgets", type(budgets).__name__, "a dict {name: ElasticChoice}")
+    out = {}
+    for name, choice in budgets.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ChoiceError("budgets", name, "budget names must be non-empty strings")
+        if not isinstance(choice, ElasticChoice):
+            raise ChoiceError(f"budgets[{name!r}]", type(choice).__name__, "must be an ElasticChoice")
+        try:
+            choice.resolve(cfg, depth_order=depth_order)
+        except ChoiceError as e:
+            raise ChoiceError(f"budgets[{name!r}].{e.field}", e.value, e.valid) from None
+        out[name] = choice
+    return out
+
+
+def check_choice_lists(cfg: ModelConfig, choice_lists: Mapping[str, Sequence[int]] | None
+                       ) -> dict[str, list[int]] | None:
+    """Validate ``{axis: [sizes, descending]}`` against ``cfg`` (:class:`ChoiceError` naming the axis)."""
+    if choice_lists is None:
+        return None
+    if not isinstance(choice_lists, Mapping):
+        raise ChoiceError("choice_lists", type(choice_lists).__name__, "a dict {axis: [sizes, descending]}")
+    out = {}
+    for axis, values in choice_lists.items():
+        if axis not in dataclasses.asdict(ElasticChoice()) or axis == "depth":
+            raise ChoiceError("choice_lists", axis, "keys must be width axes of ElasticChoice")
+        values = list(values) if isinstance(values, (list, tuple)) else values
+        if not isinstance(values, list) or not values:
+            raise ChoiceError(f"choice_lists[{axis!r}]", values, "a non-empty list of sizes")
+        for v in values:
+            try:
+                ElasticChoice(**{axis: v}).resolve(cfg)
+            except ChoiceError as e:
+                raise ChoiceError(f"choice_lists[{axis!r}]", v, e.valid) from None
+        if values != sorted(set(values), reverse=True):
+            raise ChoiceError(f"choice_lists[{axis!r}]", values, "sizes must be distinct and descending")
+        out[axis] = [int(v) for v in values]
+    return out
+
+
+def _check_tree(name: str, tree: Any) -> None:
+    """Extra state must be a nested dict with string keys and array leaves (it round-trips as such)."""
+    if tree is None:
+        return
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            if not isinstance(k, str):
+                raise CheckpointError(name, k, "pytree dict keys must be strings")
+            _check_tree(f"{name}.{k}", v)
+    elif not hasattr(tree, "shape") or not hasattr(tree, "dtype"):
+        raise CheckpointError(name, type(tree).__name__, "leaves must be arrays (nested dicts of arrays)")
+
+
+def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, ElasticChoice], *,
+                 choice_lists: Mapping[str, Sequence[int]] | None = None, router_state: Any = None,
+                 scores: Any = None) -> str:
+    """Write ``model`` (the permuted parent) and its named budgets as ONE nested Orbax checkpoint.
+
+    Every budget is validated against the model (``choice.resolve(cfg, depth_order=...)``) and the
+    choice lists and extra state are checked before anything is written (:class:`ChoiceError` /
+    :class:`CheckpointError`). ``router_state`` / ``scores``: nested dicts of arrays (string keys).
+    """
+    from star_elastic_jax.checkpoint.orbax import save_model
+
+    cfg: ModelConfig = model.cfg
+    depth_order = model.depth_order
+    budgets = _check_budgets(cfg, budgets, depth_order)
+    lists = check_choice_lists(cfg, choice_lists)
+    _check_tree(ROUTER_STATE, router_state)
+    _check_tree(SCORES_STATE, scores)
+    meta = {"elastic": {
+        "format_version": FORMAT_VERSION,
+        "axes": axes_description(),
+        "budgets": {name: c.to_dict() for name, c in budgets.items()},
+        "choice_lists": lists,
+        "depth_order": None if depth_order is None else list(depth_order),
+        "permuted": True,
+        "router": ROUTER_STATE if router_state is not None else None,
+        "scores": SCORES_STATE if scores is not None else None,
+    }}
+    extra = {ROUTER_STATE: router_state, SCORES_STATE: scores}
+    return save_model(model, directory, metadata=meta, extra_state={k: v for k, v in extra.items() if v is not None})
+
+
+def read_elastic(directory: str | os.PathLike) -> ElasticInfo:
+    """Read and validate an elastic checkpoint's metadata (:class:`CheckpointError` if it is not one)."""
+    from star_elastic_jax.checkpoint.orbax import read_config, read_metadata
+
+    directory = os.path.abspath(os.fspath(directory))
+    cfg = read_config(directory)
+    block = read_metadata(directory).get("elastic")
+    if not isinstance(block, dict):
+        raise CheckpointError("metadata.json:elastic", None if block is None else type(block).__name__,
+                              f"{directory} is not an elastic checkpoint (write one with save_elastic)")
+    version = block.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError("elastic.format_version", version, f"this version reads format {FORMAT_VERSION}")
+    depth_order = block.get("depth_order")
+    if depth_order is not None:
+        if not isinstance(depth_order, list) or sorted(depth_order) != list(range(cfg.num_hidden_layers)):
+            raise CheckpointError("elastic.depth_order", depth_order,
+                                  f"a permutation of range({cfg.num_hidden_layers}) or null")
+        depth_order = tuple(int(i) for i in depth_order)
+    raw = block.get("budgets")
+    if not isinstance(raw, dict):
+        raise CheckpointError("elastic.budgets", raw, "an object {name: choice}")
+    budgets = {}
+    for name, data in raw.items():
+        if not isinstance(data, dict):
+            raise CheckpointError(f"elastic.budgets[{name!r}]", data, "a choice object {axis: size}")
+        try:
+            choice = ElasticChoice.from_dict(data)
+            choice.resolve(cfg, depth_order=depth_order)
+        except (ChoiceError, TypeError) as e:
+            raise CheckpointError(f"elastic.budgets[{name!r}]", data, f"is not a valid choice ({e})") from None
+        budgets[name] = choice
+    try:
+        lists = check_choice_lists(cfg, block.get("choice_lists"))
+    except ChoiceError as e:
+        raise CheckpointError(f"elastic.{e.field}", e.value, e.valid) from None
+    return ElasticInfo(path=directory, cfg=cfg, budgets=budgets, choice_lists=lists, depth_order=depth_order,
+                       format_version=version, permuted=bool(block.get("permuted", True)))
+
+
+def load_elastic(directory: str | os.PathLike) -> ElasticCheckpoint:
+    """Load an elastic checkpoint: the parent model (stored dtypes kept), budgets, lists, router state."""
+    from star_elastic_jax.checkpoint.orbax import load_extra_state, load_params
+    from star_elastic_jax.model.model import model_from_params
+
+    info = read_elastic(directory)
+    cfg, params = load_params(info.path)
+    model = model_from_params(cfg, params, depth_order=info.depth_order, where=info.path)
+    return ElasticCheckpoint(model=model, budgets=dict(info.budgets), choice_lists=info.choice_lists,
+                             depth_order=info.depth_order, router_state=load_extra_state(info.path, ROUTER_STATE),
+                             format_version=info.format_version, scores=load_extra_state(info.path, SCORES_STATE))
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+def parse_fraction(value: str | float, field: str = "budget") -> float:
+    """A budget fraction in (0, 1] from a float or a string such as ``"0.78"``."""
+    if isinstance(value, str):
+        try:
+            f = float(value)
+        except ValueError:
+            raise ChoiceError(field, value, "a budget name or a fraction in (0, 1]") from None
+    else:
+        f = value
+    if isinstance(f, float) and not math.isfinite(f):
+        raise ChoiceError(field, value, "a fraction in (0, 1]")
+    try:
+        return validate_budget(f)
+    except ChoiceError:
+        raise ChoiceError(field, value, "a fraction of the full model's active parameters in (0, 1]") from None
+
+
+def resolve_budget(ckpt, name_or_fraction: str | float, *, resolver: ChoiceResolver | None = None
+                   ) -> ElasticChoice:
+    """The choice for a budget: a budget name stored in ``ckpt`` (an :class:`ElasticCheckpoint` or
+    :class:`ElasticInfo`), else a fraction of the parent's active parameters.
+
+    Fractions go to ``resolver(cfg, fraction)`` when given (the hook for a trained budget router),
+    else to :func:`choice_for_budget` over the checkpoint's choice lists (or the config's defaults).
+    """
+    budgets = ckpt.budgets
+    if isinstance(name_or_fraction, str) and name_or_fraction in budgets:
+        return budgets[name_or_fraction]
+    try:
+        fraction = parse_fraction(name_or_fraction)
+    except ChoiceError:
+        names = ", ".join(sorted(budgets)) or "none stored"
+        raise ChoiceError("budget", name_or_fraction,
+                          f"a budget name of this checkpoint ({names}) or a fraction in (0, 1]") from None
+    cfg = ckpt.cfg
+    if resolver is not None:
+        return resolver(cfg, fraction)
+    return choice_for_budget(cfg, fraction, choice_lists_for(cfg, ckpt.choice_lists))
+
+
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "hybrid_override_pattern", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "n_routed_experts",
+                 "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+                 "intermediate_size")
+
+
+def choice_lists_for(cfg: ModelConfig, stored: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+    """The candidate sizes budgets resolve over: ``stored`` lists (a checkpoint's) when given, SPEC
+    3.2's decision for the Nemotron 3 Nano architecture, else :func:`default_choice_lists`."""
+    if stored:
+        return {a: list(v) for a, v in stored.items()}
+    nano = ModelConfig.preset("nano-v3-30b")
+    if all(getattr(cfg, f) == getattr(nano, f) for f in _SHAPE_FIELDS) and cfg.per_layer is None:
+        return nano_choice_lists()
+    return default_choice_lists(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- slicing
+@dataclasses.dataclass(frozen=True)
+class SliceResult:
+    out: str
+    choice: ElasticChoice
+    cfg: ModelConfig
+
+
+def _numpy_params(params: Mapping[tuple, Any]) -> dict[tuple, np.ndarray]:
+    import jax
+
+    return {p: np.asarray(jax.device_get(v)) for p, v in params.items()}
+
+
+def _cast(params: dict[tuple, np.ndarray], cfg: ModelConfig, dtype: str | None) -> dict[tuple, np.ndarray]:
+    """Cast floating leaves to ``dtype``, except buffers (kept fp32, like the HF export)."""
+    if dtype is None:
+        return params
+    from flax import nnx
+
+    from star_elastic_jax.checkpoint.hf import _NP_DTYPES
+    from star_elastic_jax.model.model import NemotronH
+    from star_elastic_jax.model.params import Buffer
+
+    if dtype not in _NP_DTYPES:
+        raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)}")
+    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+    buffers = {tuple(p) for p, v in nnx.to_flat_state(nnx.state(abstract)) if isinstance(v, Buffer)}
+    return {p: v if p in buffers else v.astype(_NP_DTYPES[dtype]) for p, v in params.items()}
+
+
+def slice_checkpoint(src: str | os.PathLike, budget: str | float | ElasticChoice, out: str | os.PathLike, *,
+                     hf: bool = False, dtype: str | None = None, max_shard_size: int | str = "5GB",
+                     resolver: ChoiceResolver | None = None) -> SliceResult:
+    """Cut ``budget`` (a stored budget name, a fraction, or an explicit :class:`ElasticChoice`) out of
+    the elastic checkpoint ``src`` and write it to ``out``: an Orbax model checkpoint, or with
+    ``hf=True`` an HF NemotronH checkpoint (``dtype`` default bfloat16; heterogeneous choices raise
+    :class:`ConfigError` before anything is read or written). Pure array slicing of the stored
+    arrays; ``src`` is only read. Orbax output keeps the stored dtypes unless ``dtype`` is set.
+    """
+    from star_elastic_jax.checkpoint.orbax import load_params
+
+    src, out = _check_paths(src, out)
+    info = read_elastic(src)
+    choice = budget if isinstance(budget, ElasticChoice) else resolve_budget(info, budget, resolver=resolver)
+    _precheck(info, choice, hf)
+    _, params = load_params(src)
+    return _write_slice(info, _numpy_params(params), choice, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
+                        label=budget if not isinstance(budget, ElasticChoice) else None)
+
+
+def _check_paths(src, out) -> tuple[str, str]:
+    src = os.path.abspath(os.fspath(src))
+    out = os.path.abspath(os.fspath(out))
+    if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+        raise CheckpointError("out", out, f"must not overlap the source checkpoint {src}")
+    return src, out
+
+
+def _precheck(info: ElasticInfo, choice: ElasticChoice, hf: bool) -> None:
+    from star_elastic_jax.elastic.slicing import sliced_config
+
+    r = resolve_choice(info.cfg, choice, depth_order=info.depth_order)
+    if hf:
+        sliced_config(info.cfg, r).to_hf()  # heterogeneous -> ConfigError naming per_layer
+
+
+def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: ElasticChoice, out: str, *,
+                 hf: bool, dtype: str | None, max_shard_size: int | str = "5GB", label=None) -> SliceResult:
+    from star_elastic_jax.checkpoint.hf import params_to_hf
+    from star_elastic_jax.checkpoint.orbax import save_params
+    from star_elastic_jax.elastic.slicing import slice_params, sliced_depth_order
+
+    r = resolve_choice(info.cfg, choice, depth_order=info.depth_order)
+    new_cfg, new_params = slice_params(info.cfg, params, choice, depth_order=info.depth_order)
+    marker = {"format_version": FORMAT_VERSION, "sliced": True, "budget": None if label is None else str(label),
+              "choice": choice.to_dict()}
+    if hf:
+        params_to_hf(new_cfg, new_params, out, dtype or "bfloat16", max_shard_size=max_shard_size,
+                     extra_config={"elastic": marker})
+    else:
+        depth = sliced_depth_order(info.depth_order, r.keep)
+        marker["depth_order"] = None if depth is None else list(depth)
+        save_params(new_cfg, _cast(new_params, new_cfg, dtype), out,
+                    metadata={"source": info.path, "elastic_slice": marker})
+    return SliceResult(out=out, choice=choice, cfg=new_cfg)
+
+
+def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
+                      max_shard_size: int | str = "5GB") -> str:
+    """Write the full permuted parent of elastic checkpoint ``src`` in HF format; config.json gets an
+    ``elastic`` block (budgets with their sliced config fields and counts, the slicing recipe) that
+    ``star_elastic_jax/export/slice_hf.py`` reads; router state goes to ``elastic_router.safetensors``."""
+    from star_elastic_jax.checkpoint.hf import params_to_hf
+    from star_elastic_jax.checkpoint.orbax import load_extra_state, load_params
+
+    info = read_elastic(src)
+    block = elastic_hf_block(info.cfg, info.budgets, depth_order=info.depth_order)
+    cfg, params = load_params(info.path)
+    router = load_extra_state(info.path, ROUTER_STATE)
+    extra_files = None
+    if router is not None:
+        import jax
+
+        flat = jax.tree_util.tree_flatten_with_path(router)[0]
+        tensors = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
+                   for path, v in flat}
+        extra_files = {ROUTER_HF_FILE: tensors}
+        block["router_file"] = ROUTER_HF_FILE
+    return params_to_hf(cfg, _numpy_params(params), out, dtype, max_shard_size=max_shard_size,
+                        extra_config={"elastic": block}, extra_files=extra_files)
+
+
+def elastic_hf_block(cfg: ModelConfig, budgets: Mapping[str, ElasticChoice], *,
+                     depth_order: Sequence[int] | None = None) -> dict[str, Any]:
+    """config.json's ``elastic`` block for the parent ``cfg`` (see ``elastic/hf_recipe.py``)."""
+    from star_elastic_jax.elastic.hf_recipe import budget_entry, build_recipe
+
+    return {"format_version": FORMAT_VERSION, "permuted": True,
+            "budgets": {name: budget_entry(cfg, c, depth_order=depth_order) for name, c in budgets.items()},
+            "recipe": build_recipe(cfg)}
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+def dir_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every regular file under ``path`` (what the checkpoint occupies, metadata included)."""
+    total = 0
+    for root, _, files in os.walk(os.fspath(path)):
+        for f in files:
+            p = os.path.join(root, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                total += os.path.getsize(p)
+    return total
+
+
+def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice | str | float], *,
+                    workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, int]]:
+    """``(nested bytes, {label: bytes of that budget's separately sliced Orbax checkpoint})``. The
+    source arrays are read once; each budget is sliced into a temporary directory, measured, deleted."""
+    import shutil
+    import tempfile
+
+    from star_elastic_jax.checkpoint.orbax import load_params
+
+    info = read_elastic(src)
+    choices = {label: b if isinstance(b, ElasticChoice) else resolve_budget(info, b) for label, b in budgets.items()}
+    for c in choices.values():
+        _precheck(info, c, hf=False)
+    nested = dir_bytes(info.path)
+    _, params = load_params(info.path)
+    params = _numpy_params(params)
+    sizes: dict[str, int] = {}
+    tmp_root = tempfile.mkdtemp(prefix="star-elastic-measure-", dir=workdir)
+    try:
+        for label, choice in choices.items():
+            out = os.path.join(tmp_root, "slice")
+            _write_slice(info, params, choice, out, hf=False, dtype=None, label=label)
+            sizes[label] = dir_bytes(out)
+            shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return nested, sizes
+
+
+__all__ = ["ElasticCheckpoint", "ElasticInfo", "FORMAT_VERSION", "SliceResult", "check_choice_lists",
+           "choice_lists_for", "dir_bytes", "elastic_hf_block", "export_elastic_hf", "load_elastic", "measure_storage",
+           "parse_fraction", "read_elastic", "resolve_budget", "save_elastic", "slice_checkpoint"]

@@ -1,0 +1,334 @@
+"""Cut one budget out of an elastic HF NemotronH export, with torch + safetensors only (no JAX).
+
+Input: a directory written by ``star-elastic export-hf --elastic`` (the permuted parent in NVIDIA's
+on-disk layout, plus ``config.json["elastic"]`` holding the budgets and the slicing recipe; format
+in ``star_elastic_jax/elastic/hf_recipe.py``). Output: a standard ``nemotron_h`` checkpoint of the
+sub-model (sharded safetensors + index like the exporter's, config.json with the sliced fields),
+readable by transformers, vLLM, NVIDIA's remote code and ``star_elastic_jax.from_hf``.
+
+This file knows nothing about Nemotron-H: every cut comes from the recipe. It imports nothing from
+star_elastic_jax, so it runs where JAX is not installed::
+
+    python path/to/slice_hf.py --in ELASTIC_HF_DIR --budget NAME --out DIR
+    python -m star_elastic_jax.export.slice_hf --in ELASTIC_HF_DIR --budget NAME --out DIR
+    python path/to/slice_hf.py --in ELASTIC_HF_DIR --list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+RECIPE_VERSION = 1
+ELASTIC_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Files of the source directory that are not copied: weights, the index, config.json (rewritten), router.
+_NOT_COPIED = (".safetensors", INDEX_NAME, CONFIG_NAME)
+
+
+class SliceError(ValueError):
+    """The input is not an elastic export, the budget is unknown or not HF-exportable, or a tensor
+    does not match the recipe. The message names the offending field."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_config(in_dir: str) -> dict[str, Any]:
+    path = os.path.join(in_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise SliceError(f"--in: {in_dir} has no {CONFIG_NAME}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SliceError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise SliceError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def elastic_block(cfg: dict[str, Any], where: str = CONFIG_NAME) -> dict[str, Any]:
+    block = cfg.get("elastic")
+    if not isinstance(block, dict):
+        raise SliceError(f"{where} has no 'elastic' block: not an elastic export (write one with "
+                         "`star-elastic export-hf --ckpt DIR --elastic --out DIR`)")
+    if block.get("sliced"):
+        raise SliceError(f"{where} is already a slice (budget {block.get('budget')!r}) of an elastic export; "
+                         "slice the elastic export itself")
+    if block.get("format_version") != ELASTIC_VERSION:
+        raise SliceError(f"elastic.format_version={block.get('format_version')!r}: this slicer reads "
+                         f"format {ELASTIC_VERSION}")
+    recipe = block.get("recipe")
+    if not isinstance(recipe, dict) or recipe.get("format_version") != RECIPE_VERSION:
+        raise SliceError(f"elastic.recipe.format_version={(recipe or {}).get('format_version')!r}: "
+                         f"this slicer reads recipe format {RECIPE_VERSION}")
+    if not isinstance(block.get("budgets"), dict) or not isinstance(recipe.get("tensors"), list):
+        raise SliceError("elastic block needs 'budgets' (object) and 'recipe.tensors' (list)")
+    return block
+
+
+class Reader:
+    """Lazy tensors of a safetensors checkpoint directory (one file or an index of shards)."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, INDEX_NAME)
+        single = os.path.join(path, SINGLE_NAME)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise SliceError(f"{index} needs a 'weight_map' object")
+            self.key_to_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        elif os.path.isfile(single):
+            with safe_open(single, framework="pt") as f:
+                self.key_to_file = {k: single for k in f.keys()}
+        else:
+            raise SliceError(f"--in: {path} holds neither {SINGLE_NAME} nor {INDEX_NAME}")
+        self._handles: dict[str, Any] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.key_to_file:
+            raise SliceError(f"tensor {key!r} required by the recipe is missing from the checkpoint")
+        file = self.key_to_file[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(key)
+
+
+# ----------------------------------------------------------------------------------------------- slicing
+def _size(sizes: dict[str, Any], axis: str, layer: int | None, what: str) -> int:
+    if axis not in sizes:
+        raise SliceError(f"budget sizes have no entry for axis {axis!r} (needed by {what})")
+    v = sizes[axis]
+    if isinstance(v, list):
+        if layer is None or not 0 <= layer < len(v) or v[layer] is None:
+            raise SliceError(f"budget sizes[{axis!r}] has no size for block {layer} (needed by {what})")
+        v = v[layer]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SliceError(f"budget sizes[{axis!r}]={v!r} must be an integer (needed by {what})")
+    return v
+
+
+def slice_dim(t: torch.Tensor, dim: int, segments: list[dict[str, Any]], sizes: dict[str, Any],
+              what: str) -> torch.Tensor:
+    """Cut dim ``dim`` of ``t``: split into the recipe's segments, keep each axis segment's grouped
+    prefix (the first ``size / groups`` units of every group), concatenate."""
+    if all(s["axis"] is None for s in segments):
+        return t
+    parts = torch.split(t, [int(s["length"]) for s in segments], dim=dim)
+    out = []
+    for seg, part in zip(segments, parts):
+        if seg["axis"] is None:
+            out.append(part)
+            continue
+        length, unit, groups = int(seg["length"]), int(seg["unit"]), int(seg["groups"])
+        n_units = length // unit
+        keep = _size(sizes, seg["axis"], seg["layer"], what)
+        if not 0 < keep <= n_units or keep % groups:
+            raise SliceError(f"{what}: size {keep} of axis {seg['axis']!r} must be in [1, {n_units}] and a "
+                             f"multiple of its {groups} groups")
+        if keep == n_units:
+            out.append(part)
+            continue
+        shape = tuple(part.shape)
+        grouped = part.reshape(shape[:dim] + (groups, length // groups) + shape[dim + 1:])
+        kept = grouped.narrow(dim + 1, 0, keep // groups * unit)
+        out.append(kept.reshape(shape[:dim] + (keep * unit,) + shape[dim + 1:]))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
+
+
+def sliced_tensors(in_dir: str, budget: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` of the sliced checkpoint in on-disk order, one tensor at a time."""
+    cfg = read_config(in_dir)
+    block = elastic_block(cfg)
+    entry = get_budget(block, budget)
+    sizes, keep_layers = entry["sizes"], entry["keep_layers"]
+    renumber = {old: new for new, old in enumerate(keep_layers)}
+    reader = Reader(in_dir)
+    used: set[str] = set()
+    for spec in block["recipe"]["tensors"]:
+        layer = spec.get("layer")
+        experts = spec.get("experts")
+        if experts is None:
+            indices: list[int | None] = [None]
+        else:
+            count = int(experts["count"])
+            n = count if experts.get("axis") is None else _size(sizes, experts["axis"], experts.get("layer"),
+                                                                spec["key"])
+            if not 0 < n <= count:
+                raise SliceError(f"{spec['key']} (block {layer}): keeps {n} of {count} experts")
+            indices = list(range(count))
+            kept_experts = n
+        for e in indices:
+            src_key = spec["key"].format(layer=layer, expert=e)
+            if layer is not None and layer not in renumber:
+                used.add(src_key)
+                continue  # block dropped by the depth axis
+            if e is not None and e >= kept_experts:
+                used.add(src_key)
+                continue  # expert beyond the kept prefix
+            t = reader.get(src_key)
+            used.add(src_key)
+            if list(t.shape) != list(spec["shape"]):
+                raise SliceError(f"{src_key}: shape {list(t.shape)} differs from the recipe's {spec['shape']}")
+            for d, segments in enumerate(spec["dims"]):
+                t = slice_dim(t, d, segments, sizes, src_key)
+            new_layer = None if layer is None else renumber[layer]
+            yield spec["key"].format(layer=new_layer, expert=e), t.contiguous()
+    extra = sorted(set(reader.key_to_file) - used)
+    if extra:
+        raise SliceError(f"{len(extra)} tensor(s) of the checkpoint are not in the recipe, e.g. {extra[0]!r}")
+
+
+def get_budget(block: dict[str, Any], budget: str) -> dict[str, Any]:
+    budgets = block["budgets"]
+    if budget not in budgets:
+        raise SliceError(f"--budget={budget!r} is not a budget of this export; available: "
+                         f"{', '.join(sorted(budgets)) or 'none'}")
+    entry = budgets[budget]
+    if not entry.get("hf_exportable", False):
+        raise SliceError(f"--budget={budget!r} has heterogeneous per-layer sizes (hf_exportable: false); "
+                         "nemotron_h's config.json holds one size per field. Slice it to Orbax with "
+                         "`star-elastic slice` instead")
+    for field in ("sizes", "keep_layers", "config"):
+        if field not in entry:
+            raise SliceError(f"elastic.budgets[{budget!r}] lacks {field!r}")
+    return entry
+
+
+def sliced_config(cfg: dict[str, Any], budget: str) -> dict[str, Any]:
+    """config.json of the slice: the parent's, with the budget's sliced fields and a slice marker."""
+    block = elastic_block(cfg)
+    entry = get_budget(block, budget)
+    out = {k: v for k, v in cfg.items() if k not in ("elastic", "layers_block_type")}
+    out.update(entry["config"])
+    out["num_hidden_layers"] = len(out["hybrid_override_pattern"])
+    out["elastic"] = {"format_version": ELASTIC_VERSION, "sliced": True, "budget": budget,
+                      "choice": entry.get("choice")}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def slice_hf(in_dir: str | os.PathLike, budget: str, out_dir: str | os.PathLike, *,
+             max_shard_size: int | str = "5GB") -> str:
+    """Write budget ``budget`` of the elastic export ``in_dir`` to ``out_dir`` (atomically: through a
+    temporary sibling renamed into place). ``in_dir`` is only read. Returns ``out_dir``."""
+    in_dir, out_dir = os.path.abspath(os.fspath(in_dir)), os.path.abspath(os.fspath(out_dir))
+    if out_dir == in_dir or out_dir.startswith(in_dir + os.sep) or in_dir.startswith(out_dir + os.sep):
+        raise SliceError(f"--out={out_dir} must not overlap --in={in_dir}")
+    try:
+        limit = parse_size(max_shard_size)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise SliceError(f"--max-shard-size={max_shard_size!r} must be a positive size such as '2GB'")
+    new_cfg = sliced_config(read_config(in_dir), budget)  # validates before anything is written
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-slice-", dir=parent)
+    try:
+        files: list[str] = []
+        weight_map: dict[str, int] = {}
+        current: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush():
+            nonlocal current, size
+            save_file(current, os.path.join(tmp, f"shard-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+            files.append(f"shard-{len(files):05d}.safetensors")
+            current, size = {}, 0
+
+        for key, t in sliced_tensors(in_dir, budget):
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > limit:
+                flush()
+            current[key] = t
+            weight_map[key] = len(files)
+            size += nbytes
+            total += nbytes
+        if current:
+            flush()
+        if len(files) == 1:
+            os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, SINGLE_NAME))
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+            for old, new in zip(files, names):
+                os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(new_cfg, f, indent=2)
+        for name in sorted(os.listdir(in_dir)):  # tokenizer, generation config...
+            src = os.path.join(in_dir, name)
+            if os.path.isfile(src) and not name.endswith(_NOT_COPIED) and not name.startswith("."):
+                shutil.copy2(src, os.path.join(tmp, name))
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=".old-slice-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slice_hf", description=(
+        "Cut one budget out of an elastic HF NemotronH export (star-elastic export-hf --elastic) into a "
+        "standard nemotron_h checkpoint. Needs only torch and safetensors."))
+    p.add_argument("--in", dest="in_dir", required=True, metavar="DIR", help="the elastic HF export to read")
+    p.add_argument("--budget", metavar="NAME", help="budget name from config.json's elastic block")
+    p.add_argument("--out", metavar="DIR", help="directory to write the sliced checkpoint to")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--list", action="store_true", help="list the budgets of --in and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list:
+            block = elastic_block(read_config(args.in_dir))
+            for name, entry in block["budgets"].items():
+                flag = "" if entry.get("hf_exportable") else "  (heterogeneous: not HF-exportable)"
+                print(f"{name}: {entry.get('choice')}  total {entry.get('total_params'):,}  "
+                      f"active {entry.get('active_params'):,}{flag}")
+            return 0
+        if not args.budget or not args.out:
+            raise SliceError("--budget NAME and --out DIR are required (or --list)")
+        out = slice_hf(args.in_dir, args.budget, args.out, max_shard_size=args.max_shard_size)
+    except SliceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (budget {args.budget})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
