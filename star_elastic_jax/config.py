@@ -37,6 +37,9 @@ _UNSUPPORTED = {
     "moe_latent_size": None, "tie_word_embeddings": False, "residual_in_fp32": False,
 }
 _RUNTIME_FIELDS = ("compute_dtype", "dt_clamp_min", "ssd_impl", "moe_impl")
+# Kernel implementations the dispatchers (kernels/ssd/dispatch.py, kernels/moe/reference.py) accept.
+SSD_IMPLS = ("auto", "reference")
+MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,7 @@ class ModelConfig:
     compute_dtype: str = "float32"      # activations/matmuls: float32 | bfloat16 (params stay as stored)
     dt_clamp_min: float | None = None   # None -> time_step_min (SPEC 1.5); 0.0 reproduces the kernel path
     ssd_impl: str = "reference"         # chunked SSD implementation
-    moe_impl: str = "ragged"            # ragged (sorted, lax.ragged_dot) | dense (one-hot oracle)
+    moe_impl: str = "auto"              # auto (blocked on CPU, ragged elsewhere) | blocked | ragged | dense (oracle)
 
     def __post_init__(self):
         self.validate()
@@ -194,10 +197,10 @@ class ModelConfig:
             raise ConfigError("layer_norm_epsilon", self.layer_norm_epsilon, "must be > 0")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError("compute_dtype", self.compute_dtype, "one of 'float32', 'bfloat16'")
-        if self.ssd_impl not in ("reference", "pallas", "auto"):
-            raise ConfigError("ssd_impl", self.ssd_impl, "one of 'reference', 'pallas', 'auto'")
-        if self.moe_impl not in ("ragged", "dense", "blocked", "pallas", "auto"):
-            raise ConfigError("moe_impl", self.moe_impl, "one of 'ragged', 'dense', 'pallas', 'auto'")
+        if self.ssd_impl not in SSD_IMPLS:
+            raise ConfigError("ssd_impl", self.ssd_impl, f"one of {SSD_IMPLS}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError("moe_impl", self.moe_impl, f"one of {MOE_IMPLS}")
 
     def _validate_per_layer(self) -> None:
         pl = self.per_layer

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from elastic_fixtures import CONFIGS, random_model
 from star_elastic_jax.elastic import ElasticChoice, rank, slice_model

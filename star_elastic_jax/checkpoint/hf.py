@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable
 
 import jax
@@ -21,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from star_elastic_jax.checkpoint.atomic import replace_dir, staging_dir
 from star_elastic_jax.checkpoint.hf_keys import Entry, entries, to_inmemory_key
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
@@ -251,9 +251,7 @@ def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: st
         if not name.endswith(".safetensors") or os.path.basename(name) != name or name == SINGLE_NAME \
                 or name.startswith("model-"):
             raise CheckpointError("extra_files", name, "a plain '*.safetensors' file name not used by the shards")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    tmp = staging_dir(out_dir, ".tmp-hf-")
     try:
         files: list[str] = []
         weight_map: dict[str, int] = {}
@@ -293,23 +291,11 @@ def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: st
             cfg_json.update(extra_config)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg_json, f, indent=2)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(tmp: str, out_dir: str) -> None:
-    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is swapped out, then removed."""
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-hf-", dir=os.path.dirname(os.path.abspath(out_dir)))
-        os.rmdir(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def _progress(it: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from star_elastic_jax.checkpoint.atomic import replace_dir, staging_dir
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
 
@@ -62,9 +62,7 @@ def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, ext
             raise CheckpointError("extra_state", name,
                                   f"names must be identifiers other than {sorted(_RESERVED_NAMES)}")
     directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
+    tmp = staging_dir(directory, ".tmp-ckpt-")
     try:
         state = nnx.traversals.unflatten_mapping({tuple(p): v for p, v in params.items()})
         with ocp.StandardCheckpointer() as ckptr:
@@ -75,14 +73,7 @@ def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, ext
             ckptr.wait_until_finished()
         _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
         _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
-            os.rmdir(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -125,28 +116,14 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(directory: str | os.PathLike, **runtime: Any):
-    """Restore a model saved by :func:`save_model` (``runtime`` overrides runtime config fields)."""
-    from star_elastic_jax.model.model import NemotronH
+    """Restore a model saved by :func:`save_model`, keeping the stored dtypes (``runtime``
+    overrides runtime config fields such as ``compute_dtype``)."""
+    from star_elastic_jax.model.model import model_from_params
 
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(os.path.join(directory, STATE_DIR)):
-        raise CheckpointError("checkpoint", directory, f"not a star_elastic_jax checkpoint (no '{STATE_DIR}/')")
-    cfg = read_config(directory)
+    cfg, params = load_params(directory)
     if runtime:
         cfg = cfg.with_updates(**runtime)
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    device = jax.devices()[0]
-    one_device = jax.sharding.SingleDeviceSharding(device)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
-                          nnx.to_pure_dict(state))
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(directory, STATE_DIR), target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError("checkpoint", directory, f"state does not match its model_config.json ({e})") from None
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    return model_from_params(cfg, params, where=os.fspath(directory))
 
 
 def load_params(directory: str | os.PathLike) -> tuple[ModelConfig, dict[Path, Any]]:

@@ -86,3 +86,54 @@ def nano_choice_lists() -> dict[str, list[int]]:
     """SPEC 3.2's decision for Nemotron 3 Nano (multiples of 16 for NVFP4)."""
     return {"hidden": [2688, 1920, 1392], "mamba_heads": [64, 48, 32], "experts": [128, 96, 64],
             "expert_ffn": [1856, 1328, 960]}
+
+
+def expected_param_count(cfg: ModelConfig, expected: Mapping) -> ParamCount:
+    """Total/active parameters at real-valued (possibly traced, differentiable) sizes.
+
+    ``expected[axis]`` is a scalar (every block of the axis' type) or, for a per-layer axis, a
+    ``[n_blocks_of_type]`` array in model order; axes not given stay full. This is
+    ``config.count_params`` at those sizes (same ``block_param_count`` per block, plus embeddings,
+    lm_head and norm_f), written without its final ``int()`` so it traces under ``jit``/``grad``.
+    The fields of the returned ParamCount are fp32 scalars (or Python numbers).
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from star_elastic_jax.config import block_param_count, per_layer_sizes
+    from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES, layers_of
+
+    unknown = sorted(set(expected) - set(HOMOGENEOUS_AXES))
+    if unknown:
+        raise ChoiceError("expected", unknown, f"axes must be among {HOMOGENEOUS_AXES}")
+    H = expected.get("hidden", cfg.hidden_size)
+    if not isinstance(H, (int, float)):
+        H = jnp.asarray(H, jnp.float32)
+        if H.ndim:
+            raise ChoiceError("expected['hidden']", H.shape, "the hidden axis is homogeneous: a scalar")
+    sizes = list(per_layer_sizes(cfg))
+    for axis in PER_LAYER_AXES:
+        if axis not in expected:
+            continue
+        value, blocks = expected[axis], layers_of(cfg, axis)
+        per_layer = not isinstance(value, (int, float)) and jnp.ndim(value) == 1
+        if per_layer and jnp.shape(value)[0] != len(blocks):
+            raise ChoiceError(f"expected[{axis!r}]", jnp.shape(value),
+                              f"one value per '{AXES[axis].kinds}' block ({len(blocks)} of them)")
+        if not isinstance(value, (int, float)) and jnp.ndim(value) > 1:
+            raise ChoiceError(f"expected[{axis!r}]", jnp.shape(value), "a scalar or a [n_blocks] vector")
+        for j, i in enumerate(blocks):
+            v = value[j] if per_layer else value
+            sizes[i] = dataclasses.replace(sizes[i], **{AXES[axis].layer_field: v})
+    total = active = 2 * cfg.vocab_size * H + H  # embeddings + lm_head + norm_f (as count_params)
+    for s in sizes:
+        t, a = block_param_count(cfg, H, s)
+        total = total + t
+        active = active + a
+    return ParamCount(total=total, active=active)  # type: ignore[arg-type]
+
+
+def expected_active_params(cfg: ModelConfig, expected: Mapping):
+    """Active parameters at real-valued sizes (see :func:`expected_param_count`); differentiable."""
+    return expected_param_count(cfg, expected).active

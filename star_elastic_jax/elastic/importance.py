@@ -81,7 +81,7 @@ def collect_statistics(model, batches: Iterable, *, progress: bool = True) -> di
     ``batches`` yields token arrays ``[b, L]`` or ``(tokens, segment_ids)`` pairs.
     """
     graphdef, state = nnx.split(model)
-    moe_impl = "ragged" if model.cfg.moe_impl in ("auto", "pallas") else model.cfg.moe_impl
+    moe_impl = model.cfg.moe_impl
 
     @jax.jit
     def step(state, tokens, segment_ids):

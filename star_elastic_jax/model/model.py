@@ -119,7 +119,8 @@ def model_from_params(cfg: ModelConfig, params: dict, *, depth_order=None, param
     """Build a NemotronH from a flat ``{nnx path: array}`` dict without running initialisers.
 
     Every leaf of ``cfg``'s model must be present with its exact shape; errors name the path.
-    Arrays keep their dtype unless they are numpy (then cast to the abstract leaf's dtype).
+    Arrays keep their own dtype (a bf16 checkpoint stays bf16); ``param_dtype`` only shapes the
+    abstract model used for the check.
     """
     from star_elastic_jax.errors import CheckpointError
 
@@ -138,5 +139,5 @@ def model_from_params(cfg: ModelConfig, params: dict, *, depth_order=None, param
         want = var.get_value()
         if tuple(value.shape) != tuple(want.shape):
             raise CheckpointError(".".join(map(str, p)), tuple(value.shape), f"expected shape {tuple(want.shape)}")
-        var.set_value(jnp.asarray(value, dtype=want.dtype if not isinstance(value, jax.Array) else value.dtype))
+        var.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -64,6 +64,6 @@ class MoE(nnx.Module):
         idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg,
                              masks.get("experts"))
         routed = expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
-                            impl="ragged" if self.cfg.moe_impl == "auto" else self.cfg.moe_impl,
+                            impl=self.cfg.moe_impl,
                             ffn_mask=masks.get("ffn"))
         return routed.astype(x.dtype).reshape(b, L, H) + self.shared_experts(x)

@@ -1,10 +1,14 @@
-"""Routed-expert FFN (non-gated relu2 experts), two pure-JAX implementations.
+"""Routed-expert FFN (non-gated relu2 experts): pure-JAX implementations and the dispatch table.
 
 ``ragged``: dropless and sort-based. The ``T*k`` (token, slot) assignments are sorted by expert,
 each expert's contiguous rows go through ``lax.ragged_dot_general`` against the stacked HF-layout
 weights ``up [E, F, H]`` / ``down [E, H, F]`` (no transposed copy), then are unsorted and summed.
 ``dense``: every token through every expert, combined with a one-hot weight matrix. Exact and
 simple; it is the oracle the sorted path is tested against.
+``blocked`` (:mod:`star_elastic_jax.kernels.moe.blocked`): sorted, each expert's group padded to
+whole row blocks, a loop of dense per-block matmuls over the used blocks. Dropless and exact; on CPU,
+where XLA lowers ``ragged_dot`` to a masked dense matmul doing ``E`` times the useful work, it is the
+fast path. ``auto`` picks ``blocked`` when ``jax.default_backend() == "cpu"``, else ``ragged``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from star_elastic_jax.errors import ConfigError
+from star_elastic_jax.kernels.moe.blocked import expert_ffn_blocked
 
 # contract lhs dim 1 with rhs dim 2 (weights stored [E, out, in]); rhs dim 0 indexes groups.
 _RAGGED_DN = lax.RaggedDotDimensionNumbers(
@@ -54,7 +59,14 @@ def expert_ffn_dense(x, idx, weights, up, down, ffn_mask=None):
     return jnp.einsum("te,teh->th", combine, out.astype(jnp.float32))
 
 
-_IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "auto": expert_ffn_ragged}
+def _expert_ffn_auto(x, idx, weights, up, down, ffn_mask=None):
+    """``blocked`` on the CPU backend, ``ragged`` elsewhere (resolved at trace time)."""
+    fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
+    return fn(x, idx, weights, up, down, ffn_mask)
+
+
+_IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "blocked": expert_ffn_blocked,
+          "auto": _expert_ffn_auto}
 
 
 def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None):

@@ -1,10 +1,10 @@
 """The one dispatch point for the SSD scan."""
 from __future__ import annotations
 
+from star_elastic_jax.config import SSD_IMPLS as IMPLS
 from star_elastic_jax.errors import ConfigError
 from star_elastic_jax.kernels.ssd.reference import ssd_reference
 
-IMPLS = ("reference", "auto")
 
 
 def ssd(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segment_ids=None, impl: str = "reference"):
