@@ -460,9 +460,10 @@ def count_params(cfg: ModelConfig, sizes: Iterable[LayerSizes], hidden: float | 
             t, a = block_param_count(cfg, H, s)
             total += t
             active += a
-    if isinstance(total, float) or isinstance(active, float):
-        return ParamCount(total=total, active=active)  # type: ignore[arg-type]
-    return ParamCount(total=int(total), active=int(active))
+    if isinstance(total, int) and isinstance(active, int):
+        return ParamCount(total=total, active=active)
+    # real-valued (or traced, differentiable) sizes: the router loss's expected parameter count
+    return ParamCount(total=total, active=active)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- presets

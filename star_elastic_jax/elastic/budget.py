@@ -93,15 +93,14 @@ def expected_param_count(cfg: ModelConfig, expected: Mapping) -> ParamCount:
 
     ``expected[axis]`` is a scalar (every block of the axis' type) or, for a per-layer axis, a
     ``[n_blocks_of_type]`` array in model order; axes not given stay full. This is
-    ``config.count_params`` at those sizes (same ``block_param_count`` per block, plus embeddings,
-    lm_head and norm_f), written without its final ``int()`` so it traces under ``jit``/``grad``.
-    The fields of the returned ParamCount are fp32 scalars (or Python numbers).
+    ``config.count_params`` at those sizes, so it traces under ``jit``/``grad``. The fields of the
+    returned ParamCount are fp32 scalars (or Python numbers).
     """
     import dataclasses
 
     import jax.numpy as jnp
 
-    from star_elastic_jax.config import block_param_count, per_layer_sizes
+    from star_elastic_jax.config import per_layer_sizes
     from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES, layers_of
 
     unknown = sorted(set(expected) - set(HOMOGENEOUS_AXES))
@@ -126,12 +125,7 @@ def expected_param_count(cfg: ModelConfig, expected: Mapping) -> ParamCount:
         for j, i in enumerate(blocks):
             v = value[j] if per_layer else value
             sizes[i] = dataclasses.replace(sizes[i], **{AXES[axis].layer_field: v})
-    total = active = 2 * cfg.vocab_size * H + H  # embeddings + lm_head + norm_f (as count_params)
-    for s in sizes:
-        t, a = block_param_count(cfg, H, s)
-        total = total + t
-        active = active + a
-    return ParamCount(total=total, active=active)  # type: ignore[arg-type]
+    return count_params(cfg, sizes, hidden=H)
 
 
 def expected_active_params(cfg: ModelConfig, expected: Mapping):
