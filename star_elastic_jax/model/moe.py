@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from star_elastic_jax.config import LayerSizes, ModelConfig
-from star_elastic_jax.kernels.moe import expert_ffn
+from star_elastic_jax.kernels.moe.expert_parallel import routed_expert_ffn
 from star_elastic_jax.model.mlp import MLP
 from star_elastic_jax.model.params import Buffer, logical, normal
 
@@ -63,7 +63,7 @@ class MoE(nnx.Module):
         flat = x.reshape(b * L, H)
         idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg,
                              masks.get("experts"))
-        routed = expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
-                            impl=self.cfg.moe_impl,
-                            ffn_mask=masks.get("ffn"))
+        routed = routed_expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
+                                   impl=self.cfg.moe_impl,
+                                   ffn_mask=masks.get("ffn"))
         return routed.astype(x.dtype).reshape(b, L, H) + self.shared_experts(x)
