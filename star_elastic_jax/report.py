@@ -113,10 +113,12 @@ def distinct_choices(cfg: ModelConfig, rows, *, depth_order=None) -> list[tuple[
 
 
 def storage_summary(cfg: ModelConfig, rows, *, depth_order=None) -> str:
-    """Nested (one full BF16 model) vs separate (one BF16 checkpoint per distinct sub-model)."""
+    """Nested (one full BF16 model) vs separate (one BF16 checkpoint per distinct sub-model, the full
+    parent always among them, since the nested checkpoint holds it too)."""
     from star_elastic_jax.elastic.budget import choice_param_count
+    from star_elastic_jax.elastic.choice import ElasticChoice
 
-    distinct = distinct_choices(cfg, rows, depth_order=depth_order)
+    distinct = distinct_choices(cfg, [("full", ElasticChoice())] + list(rows), depth_order=depth_order)
     nested = cfg.param_count().total * 2
     separate = sum(choice_param_count(cfg, c, depth_order=depth_order).total * 2 for _, c in distinct)
     labels = ", ".join(str(label) for label, _ in distinct)
