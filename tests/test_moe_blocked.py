@@ -217,3 +217,20 @@ def test_config_lists_exactly_the_dispatchable_impls():
     from star_elastic_jax.kernels.moe.reference import _IMPLS
 
     assert set(MOE_IMPLS) == set(_IMPLS)
+
+
+def test_output_width_may_differ_from_input_width():
+    """``down [E, O, F]`` with O != H (importance ranking reads fc2 inputs through an identity)."""
+    import numpy as np
+
+    from star_elastic_jax.kernels.moe import expert_ffn_blocked, expert_ffn_dense
+
+    r = np.random.default_rng(0)
+    T, k, E, H, F = 9, 2, 4, 8, 6
+    x = jnp.asarray(r.normal(size=(T, H)), jnp.float32)
+    idx = jnp.asarray(r.integers(0, E, (T, k)), jnp.int32)
+    w = jnp.asarray(r.uniform(size=(T, k)), jnp.float32)
+    up = jnp.asarray(r.normal(size=(E, F, H)), jnp.float32)
+    eye = jnp.broadcast_to(jnp.eye(F), (E, F, F))
+    np.testing.assert_allclose(np.asarray(expert_ffn_blocked(x, idx, w, up, eye, block_rows=4)),
+                               np.asarray(expert_ffn_dense(x, idx, w, up, eye)), rtol=1e-5, atol=1e-5)

@@ -100,13 +100,14 @@ def _expert(w, e):
 
 
 def _forward_loop(xb, sched, up, down, mask, keep_h: bool):
-    """``xb [NB, B, H]`` -> ``([NB, B, H], h [NB, B, F] or None)``; unused blocks stay zero.
+    """``xb [NB, B, H]`` -> ``([NB, B, O], h [NB, B, F] or None)``; unused blocks stay zero
+    (``O = down.shape[1]``, normally ``H``).
 
     Outer loop over the non-empty experts (each expert's weights sliced once), inner loop over that
     expert's blocks."""
     blk_start, nblk, experts, n_experts = sched
-    NB, B, H = xb.shape
-    F = up.shape[1]
+    NB, B, _ = xb.shape
+    F, O = up.shape[1], down.shape[1]
 
     def outer(j, carry):
         e = experts[j]
@@ -123,7 +124,7 @@ def _forward_loop(xb, sched, up, down, mask, keep_h: bool):
 
         return lax.fori_loop(blk_start[e], blk_start[e] + nblk[e], inner, carry)
 
-    init = (jnp.zeros((NB, B, H), xb.dtype), jnp.zeros((NB, B, F), xb.dtype) if keep_h else None)
+    init = (jnp.zeros((NB, B, O), xb.dtype), jnp.zeros((NB, B, F), xb.dtype) if keep_h else None)
     return lax.fori_loop(0, n_experts, outer, init)
 
 
@@ -142,6 +143,7 @@ def _block_loop_bwd(res, dout):
     blk_start, nblk, experts, n_experts = sched
     m = jnp.ones((up.shape[1],), xb.dtype) if mask is None else mask
     F, H = up.shape[1:]
+    O = down.shape[1]
 
     def outer(j, carry):
         dxb, dup, ddown, dmask = carry
@@ -162,7 +164,7 @@ def _block_loop_bwd(res, dout):
                 dmask = dmask + jnp.sum(dhm * h, axis=0, dtype=jnp.float32)
             return dxb, gu, gd, dmask
 
-        init = (dxb, jnp.zeros((F, H), jnp.float32), jnp.zeros((H, F), jnp.float32), dmask)
+        init = (dxb, jnp.zeros((F, H), jnp.float32), jnp.zeros((O, F), jnp.float32), dmask)
         dxb, gu, gd, dmask = lax.fori_loop(blk_start[e], blk_start[e] + nblk[e], inner, init)
         dup = lax.dynamic_update_index_in_dim(dup, gu, e, 0)
         ddown = lax.dynamic_update_index_in_dim(ddown, gd, e, 0)
@@ -187,8 +189,9 @@ def expert_ffn_blocked(x, idx, weights, up, down, ffn_mask=None, *, block_rows: 
     in ``x.dtype`` (weight gradients accumulate in fp32); the ``weights`` combine is fp32."""
     T, k = idx.shape
     E, _, H = up.shape
+    O = down.shape[1]  # output width: H for the model; ranking reads fc2 inputs with an identity "down"
     if T * k == 0:
-        return jnp.zeros((T, H), jnp.float32)
+        return jnp.zeros((T, O), jnp.float32)
     B = default_block_rows(T * k, E) if block_rows is None else int(block_rows)
     if B < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
@@ -197,5 +200,5 @@ def expert_ffn_blocked(x, idx, weights, up, down, ffn_mask=None, *, block_rows: 
     xs = jnp.where(row_valid[:, None], x[row_assign // k], jnp.zeros((), x.dtype))
     mask = None if ffn_mask is None else ffn_mask.astype(x.dtype)
     out = _block_loop(xs.reshape(NB, B, H), sched, up.astype(x.dtype), down.astype(x.dtype), mask)
-    out = out.reshape(NB * B, H)[assign_row].astype(jnp.float32).reshape(T, k, H)
+    out = out.reshape(NB * B, O)[assign_row].astype(jnp.float32).reshape(T, k, O)
     return jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), out)
