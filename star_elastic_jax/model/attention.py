@@ -20,6 +20,34 @@ def attention_mask(L: int, segment_ids: jax.Array | None) -> jax.Array:
     return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
+def _query_block(L: int) -> int:
+    """Query-block size: 64 rows (best on CPU), but at most 16 blocks so the unrolled trace stays small."""
+    return max(64, -(-L // 16))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T / sqrt(d) + mask) v`` with fp32 scores; ``q [b, L, kv, rep, d]``, ``k, v [b, L, kv, d]``.
+
+    Block-causal: query block ``[s0, e)`` only scores keys ``[0, e)`` (the keys after ``e`` are masked
+    for every row of the block), so about half the ``L x L`` score matrix is never built. Each row's
+    softmax still sees all its unmasked keys at once, so this is the same softmax as the full masked one.
+    """
+    b, L, _, _, dh = q.shape
+    bq = _query_block(L)
+    outs = []
+    for s0 in range(0, L, bq):
+        e = min(s0 + bq, L)
+        scores = jnp.einsum("bqkrd,bskd->bkrqs", q[:, s0:e], k[:, :e], preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(dh)
+        mask = (jnp.arange(e)[None, :] <= jnp.arange(s0, e)[:, None])[None]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, s0:e, None] == segment_ids[:, None, :e])
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        outs.append(jnp.einsum("bkrqs,bskd->bqkrd", probs, v[:, :e]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class Attention(nnx.Module):
     """Causal GQA; softmax in fp32; query head ``i`` reads KV head ``i // (n_q / n_kv)``."""
 
@@ -44,11 +72,7 @@ class Attention(nnx.Module):
         q = linear(x, self.q_proj[...]).reshape(b, L, nkv, -1, dh)  # [b, L, kv, rep, d]
         k = linear(x, self.k_proj[...]).reshape(b, L, nkv, dh)
         v = linear(x, self.v_proj[...]).reshape(b, L, nkv, dh)
-        scores = jnp.einsum("bqkrd,bskd->bkrqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-        mask = attention_mask(L, segment_ids)[:, None, None]
-        scores = jnp.where(mask, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkrqs,bskd->bqkrd", probs, v)
+        out = causal_attention(q, k, v, segment_ids)
         if masks is not None and "heads" in masks:  # query heads are kv-group-major
             out = out * masks["heads"].reshape(nkv, -1)[:, :, None].astype(out.dtype)
         return out

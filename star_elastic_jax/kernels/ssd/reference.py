@@ -6,9 +6,14 @@ State ``[b, h, p, n]``. All arithmetic is fp32 whatever the input dtype.
 
 Document boundaries (``segment_ids``) are handled by setting the log-decay ``a_t = dt_t*A`` to
 ``-inf`` at the first token of every document: the state is multiplied by ``exp(-inf) = 0``
-before that token's input is added. Every decay factor is read off one stable segment-sum
-(mask -> cumsum -> mask) over the chunk prefixed with a zero, never as a difference of
-cumulative sums, so ``-inf`` never meets ``-inf`` in a subtraction.
+before that token's input is added. No decay factor is ever a difference of cumulative sums, so
+``-inf`` never meets ``-inf`` in a subtraction: the chunk-start/chunk-end decays are plain
+(reverse) cumulative sums, and the intra-chunk segment sums ``sum_{k=s+1..l} a_k`` are summed
+directly over the finite log-decays and set to ``-inf`` wherever ``l`` and ``s`` lie in different
+documents (exactly where the sum would meet a ``-inf``).
+
+The chunk size only changes the blocking, never the math: internally chunks are at most
+``_MAX_CHUNK`` long (smaller diagonal blocks are cheaper; on CPU 64 beats 128 by ~1.5x).
 """
 from __future__ import annotations
 
@@ -16,14 +21,18 @@ import jax
 import jax.numpy as jnp
 
 
-def _segsum(a: jax.Array) -> jax.Array:
-    """``out[..., i, j] = sum_{k=j+1..i} a[..., k]`` for ``i >= j``, ``-inf`` above the diagonal."""
-    q = a.shape[-1]
-    x = jnp.broadcast_to(a[..., :, None], (*a.shape, q))  # x[..., i, j] = a_i
-    strict = jnp.tril(jnp.ones((q, q), dtype=bool), k=-1)
-    x = jnp.where(strict, x, 0.0)
-    s = jnp.cumsum(x, axis=-2)
-    return jnp.where(jnp.tril(jnp.ones((q, q), dtype=bool)), s, -jnp.inf)
+_MAX_CHUNK = 64
+
+
+def _segsum_matrix(q: int) -> jax.Array:
+    """``M[k, i, j] = 1`` iff ``j < k <= i``: ``(a @ M)[i, j] = sum_{k=j+1..i} a_k``."""
+    k, i, j = jnp.meshgrid(jnp.arange(q), jnp.arange(q), jnp.arange(q), indexing="ij")
+    return ((j < k) & (k <= i)).astype(jnp.float32)
+
+
+def _cumsum(a: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the last axis (associative scan: ~2x ``jnp.cumsum`` on CPU)."""
+    return jax.lax.associative_scan(jnp.add, a, axis=a.ndim - 1)
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
@@ -37,42 +46,59 @@ def ssd_reference(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, seg
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    q = chunk_size
+    q = min(chunk_size, _MAX_CHUNK)
     f32 = jnp.float32
     x, dt, B, C = (t.astype(f32) for t in (x, dt, B, C))
     A = A.astype(f32)
     D = D.astype(f32)
 
-    a = dt * A  # [b, L, h] log-decay per step
+    a_fin = dt * A  # [b, L, h] log-decay per step (finite)
+    a = a_fin
+    docs = None
     if segment_ids is not None:
-        a = jnp.where(document_starts(segment_ids)[..., None], -jnp.inf, a)
+        starts = document_starts(segment_ids)
+        a = jnp.where(starts[..., None], -jnp.inf, a_fin)
+        docs = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # document index of every token
     xbar = x * dt[..., None]
 
     pad = (-L) % q
     if pad:
         a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
+        a_fin = jnp.pad(a_fin, ((0, 0), (0, pad), (0, 0)))
         xbar = jnp.pad(xbar, ((0, 0), (0, pad), (0, 0), (0, 0)))
         B = jnp.pad(B, ((0, 0), (0, pad), (0, 0), (0, 0)))
         C = jnp.pad(C, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if docs is not None:
+            docs = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge")
     c = (L + pad) // q
 
-    a = a.reshape(b, c, q, g, r).transpose(0, 3, 4, 1, 2)  # [b, g, r, c, q]
-    xbar = xbar.reshape(b, c, q, g, r, p)
-    B = B.reshape(b, c, q, g, n)
-    C = C.reshape(b, c, q, g, n)
+    # Chunk-major, group-major layout: [b, c, g, ...] so every contraction below batches (b, c, g).
+    a = a.reshape(b, c, q, g, r).transpose(0, 1, 3, 4, 2)          # [b, c, g, r, q]
+    a_fin = a_fin.reshape(b, c, q, g, r).transpose(0, 1, 3, 4, 2)
+    xh = xbar.reshape(b, c, q, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # [b, c, g, r, q, p]
+    B = B.reshape(b, c, q, g, n).transpose(0, 1, 3, 2, 4)          # [b, c, g, q, n]
+    C = C.reshape(b, c, q, g, n).transpose(0, 1, 3, 2, 4)
 
-    seg = _segsum(jnp.pad(a, ((0, 0),) * 4 + ((1, 0),)))  # [b, g, r, c, q+1, q+1]
-    l_diag = jnp.exp(seg[..., 1:, 1:])                     # decay s -> l inside the chunk
-    decay_to_end = jnp.exp(seg[..., q, 1:])                # decay s -> chunk end
-    decay_from_start = jnp.exp(seg[..., 1:, 0])            # decay chunk start -> l
-    chunk_decay = jnp.exp(seg[..., q, 0])                  # [b, g, r, c]
+    acs = _cumsum(a)                                   # sum_{k<=l} a_k (may be -inf: never subtracted)
+    decay_from_start = jnp.exp(acs)                    # decay chunk start -> l (incl. step l)
+    chunk_decay = decay_from_start[..., -1]            # [b, c, g, r]
+    a_next = jnp.concatenate([a[..., 1:], jnp.zeros_like(a[..., :1])], axis=-1)
+    decay_to_end = jnp.exp(jnp.flip(_cumsum(jnp.flip(a_next, -1)), -1))  # exp(sum_{k>s} a_k)
+
+    # Intra-chunk segment sums over the finite log-decays; -inf above the diagonal and across documents.
+    seg = jnp.einsum("...k,kij->...ij", a_fin, _segsum_matrix(q))   # [b, c, g, r, l, s]
+    keep = jnp.tril(jnp.ones((q, q), dtype=bool))
+    if docs is not None:
+        d = docs.reshape(b, c, 1, 1, q)
+        keep = keep & (d[..., :, None] == d[..., None, :])
+    l_diag = jnp.exp(jnp.where(keep, seg, -jnp.inf))  # decay s -> l inside the chunk
 
     # 1. intra-chunk (diagonal blocks); C.B is computed once per group, not per head.
-    cb = jnp.einsum("bclgn,bcsgn->bgcls", C, B)
-    y = jnp.einsum("bgcls,bgrcls,bcsgrp->bclgrp", cb, l_diag, xbar)
+    cb = jnp.einsum("bcgln,bcgsn->bcgls", C, B)
+    y = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb[:, :, :, None] * l_diag, xh)
 
     # 2. each chunk's own contribution to the state at its end.
-    chunk_states = jnp.einsum("bcsgn,bgrcs,bcsgrp->cbgrpn", B, decay_to_end, xbar)
+    chunk_states = jnp.einsum("bcgrsp,bcgsn->cbgrpn", xh * decay_to_end[..., None], B)
 
     # 3. inter-chunk recurrence, sequential over chunks (O(c), exact same math as the matrix form).
     if initial_state is None:
@@ -84,13 +110,13 @@ def ssd_reference(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, seg
         decay, new = inp
         return decay[..., None, None] * state + new, state
 
-    final, start_states = jax.lax.scan(step, s0, (jnp.moveaxis(chunk_decay, -1, 0), chunk_states))
+    final, start_states = jax.lax.scan(step, s0, (jnp.moveaxis(chunk_decay, 1, 0), chunk_states))
     # start_states: [c, b, g, r, p, n], the state entering each chunk.
 
     # 4. state -> output.
-    y = y + jnp.einsum("bclgn,cbgrpn,bgrcl->bclgrp", C, start_states, decay_from_start)
+    y = y + jnp.einsum("bcgln,cbgrpn->bcgrlp", C, start_states) * decay_from_start[..., None]
 
-    y = y.reshape(b, c * q, h, p)[:, :L] + D[:, None] * x
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :L] + D[:, None] * x
     return y, final.reshape(b, h, p, n)
 
 
