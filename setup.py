@@ -47,6 +47,7 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "tensorboardX",
     ],
     extras_require={
         "torch": TORCH,

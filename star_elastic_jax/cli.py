@@ -173,6 +173,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir or tempfile.mkdtemp(prefix="star-elastic-demo-"), seed=args.seed)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from star_elastic_jax.distributed import initialize
+    from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
+    from star_elastic_jax.train.trainer import train
+
+    initialize()  # multi-host: coordinator/process from STAR_ELASTIC_*, SLURM or TPU; no-op for one process
+    config = apply_overrides(load_config_file(args.config), args.overrides or [])
+    cfg = from_config_dict(config)
+    if args.no_progress:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    res = train(cfg, args.workdir, until=args.stop_after)
+    if res.elastic_dir is None:
+        print(f"stopped after {res.kd.step} elastic KD steps; run the same command again to resume "
+              f"(checkpoints in {os.path.join(args.workdir, 'checkpoints')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="star-elastic",
                                 description="Elastic many-in-one Nemotron-H models in JAX/Flax.")
@@ -237,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     ex.set_defaults(func=_cmd_export_hf)
 
+    tr = sub.add_parser("train", help="elastic KD training (CE pre-training and ranking of a parent if needed)",
+                        description="Run a training config: [CE pre-training of a parent -> importance ranking ->] "
+                                    "elastic KD stages -> one nested checkpoint in WORKDIR/elastic/. Resumes from "
+                                    "WORKDIR/checkpoints/. Metrics: WORKDIR/metrics.jsonl and TensorBoard "
+                                    "(WORKDIR/tensorboard/). Override any config field with --config.a.b=value "
+                                    "(list entries by index: --config.stages.0.seq_len=256).")
+    tr.add_argument("--config", required=True, metavar="FILE", help="ml_collections config file, e.g. configs/tiny.py")
+    tr.add_argument("--workdir", required=True, metavar="DIR", help="run directory (checkpoints, metrics, outputs)")
+    tr.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop elastic KD after N steps (a checkpoint is saved; rerun to resume)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_cmd_train, overrides=[])
+
     demo = sub.add_parser("demo", help="build the tiny model, run it, export to HF and compare with transformers",
                           description="End-to-end check on CPU: tiny preset -> forward -> HF export -> "
                                       "transformers reload -> largest logit difference.")
@@ -247,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `train` takes free-form --config.a.b=value overrides
+        if getattr(args, "func", None) is not _cmd_train:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     try:
         return args.func(args)
     except StarElasticError as e:
