@@ -10,6 +10,7 @@ A path may be a file, a directory (its files with a matching suffix, sorted), or
 """
 from __future__ import annotations
 
+import abc
 import glob
 import json
 import os
@@ -52,7 +53,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], suffixe
     return out
 
 
-class _OffsetSource:
+class _OffsetSource(abc.ABC):
     """Documents addressed as (file index, byte offset, byte length)."""
 
     def __init__(self, files: list[str]):
@@ -81,8 +82,9 @@ class _OffsetSource:
     def __getitem__(self, i: int) -> dict:
         return {"text": self._decode(self._read(i))}
 
+    @abc.abstractmethod
     def _decode(self, raw: bytes) -> str:
-        raise NotImplementedError
+        """One document's raw bytes -> its text (each concrete source defines its format)."""
 
 
 class JsonlSource(_OffsetSource):
