@@ -192,6 +192,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hf_write_args(parser: argparse.ArgumentParser, dtype_default: str | None, dtype_help: str) -> None:
+    """``--dtype`` and ``--max-shard-size``, shared by every subcommand that writes safetensors."""
+    parser.add_argument("--dtype", default=dtype_default, choices=["bfloat16", "float32", "float16"], help=dtype_help)
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="star-elastic",
                                 description="Elastic many-in-one Nemotron-H models in JAX/Flax.")
@@ -223,9 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--ckpt", metavar="DIR", help="Orbax checkpoint directory to read")
     conv.add_argument("--out", metavar="DIR", help="Orbax checkpoint directory to write (with --from-hf)")
     conv.add_argument("--to-hf", metavar="DIR", help="HF checkpoint directory to write (with --ckpt)")
-    conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                      help="tensor dtype of the HF checkpoint (default bfloat16, like NVIDIA's)")
-    conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    _add_hf_write_args(conv, "bfloat16", "tensor dtype of the HF checkpoint (default bfloat16, like NVIDIA's)")
     conv.set_defaults(func=_cmd_convert)
 
     sl = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint (pure array slicing)",
@@ -238,9 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     sl.add_argument("--hf", action="store_true", help="write HF NemotronH safetensors instead of Orbax "
                                                       "(homogeneous budgets only)")
-    sl.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
-                    help="tensor dtype (default: bfloat16 with --hf, the stored dtypes for Orbax)")
-    sl.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard with --hf (default 5GB)")
+    _add_hf_write_args(sl, None, "tensor dtype (default: bfloat16 with --hf, the stored dtypes for Orbax)")
     sl.set_defaults(func=_cmd_slice)
 
     ex = sub.add_parser("export-hf", help="write a checkpoint in HF format (--elastic: with budgets and recipe)",
@@ -251,9 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ckpt", required=True, metavar="DIR", help="Orbax checkpoint directory to read")
     ex.add_argument("--out", required=True, metavar="DIR", help="HF checkpoint directory to write")
     ex.add_argument("--elastic", action="store_true", help="add the elastic block (needs an elastic checkpoint)")
-    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                    help="tensor dtype (default bfloat16)")
-    ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    _add_hf_write_args(ex, "bfloat16", "tensor dtype (default bfloat16)")
     ex.set_defaults(func=_cmd_export_hf)
 
     tr = sub.add_parser("train", help="elastic KD training (CE pre-training and ranking of a parent if needed)",
