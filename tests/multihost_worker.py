@@ -19,31 +19,6 @@ STEPS, ROWS, SEQ = 3, 4, 16          # global batch: 4 rows x 16 tokens, 1 micro
 MODEL_OVERRIDES = {"hybrid_override_pattern": "M*E-", "n_routed_experts": 4}
 
 
-def random_params(cfg, seed=0) -> dict:
-    """Identical parameters in every process: numpy from a fixed seed, no JAX initialisers (their
-    per-op compiles cost seconds of CPU). Same recipe as test_train_step.random_params."""
-    import numpy as np
-
-    from star_elastic_jax.checkpoint.orbax import abstract_params
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, a in abstract_params(cfg).items():
-        name = path[-1]
-        if name in ("weight", "norm_weight", "D"):
-            v = 1.0 + 0.1 * rng.standard_normal(a.shape)
-        elif name == "A_log":
-            v = np.log(np.arange(1, a.shape[0] + 1))
-        elif name == "dt_bias":
-            v = np.log(np.expm1(rng.uniform(0.001, 0.1, a.shape)))
-        elif name == "e_score_correction_bias":
-            v = 0.01 * np.arange(a.shape[0])
-        else:
-            v = cfg.initializer_range * rng.standard_normal(a.shape)
-        out[path] = np.asarray(v, np.float32)
-    return out
-
-
 def main() -> int:
     mode, pid, nproc, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     t0 = time.time()
@@ -72,6 +47,8 @@ def main() -> int:
     print(f"[{mode} {pid}] up after {time.time() - t0:.1f}s: {jax.devices()}", flush=True)
 
     model_cfg = ModelConfig.preset("tiny", **MODEL_OVERRIDES)
+    from train_fixtures import random_params
+
     model = model_from_params(model_cfg, random_params(model_cfg, seed=0))
     mesh = sh.make_mesh(sh.MeshConfig(data=nproc))
     optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0, clip_norm=1.0)

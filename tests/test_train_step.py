@@ -16,13 +16,13 @@ import optax
 import pytest
 from flax import nnx
 
-from star_elastic_jax.checkpoint.orbax import abstract_params
 from star_elastic_jax.elastic.router import BudgetRouter
 from star_elastic_jax.model.model import model_from_params
 from star_elastic_jax.train import sharding as sh
 from star_elastic_jax.train.config import OptimConfig, apply_overrides, from_config_dict, load_config_file
 from star_elastic_jax.train.optim import make_optimizer, model_schedule, router_schedule
 from star_elastic_jax.train.step import TrainStep, budget_indices
+from train_fixtures import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_MICRO, ROWS, SEQ = 2, 8, 16     # a step's batch: 2 micro-batches of 8 rows x 16 tokens
@@ -53,26 +53,6 @@ MODEL, ROUTER, OPTIM, TOTAL = CFG.model, CFG.router, CFG.optim, CFG.total_steps
 
 def one_device_mesh():
     return sh.make_mesh(sh.MeshConfig(), devices=jax.devices()[:1])
-
-
-def random_params(cfg, seed=0) -> dict:
-    """Plausible parameters from numpy (no JAX initialisers: their per-op compiles cost seconds of CPU)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, a in abstract_params(cfg).items():
-        name = path[-1]
-        if name in ("weight", "norm_weight", "D"):
-            v = 1.0 + 0.1 * rng.standard_normal(a.shape)
-        elif name == "A_log":
-            v = np.log(np.arange(1, a.shape[0] + 1))
-        elif name == "dt_bias":
-            v = np.log(np.expm1(rng.uniform(0.001, 0.1, a.shape)))
-        elif name == "e_score_correction_bias":
-            v = 0.01 * np.arange(a.shape[0])
-        else:
-            v = cfg.initializer_range * rng.standard_normal(a.shape)
-        out[path] = np.asarray(v, np.float32)
-    return out
 
 
 @functools.lru_cache(maxsize=None)
