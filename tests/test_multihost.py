@@ -237,3 +237,44 @@ def test_two_processes_match_single_process(tmp_path):
     np.testing.assert_allclose(m1["losses"], m0["losses"], rtol=1e-5, atol=0)
     assert "step 3 loss" in logs[0]
     print(f"two-process test: {time.monotonic() - t0:.1f}s, losses {m0['losses']}")
+
+
+def test_two_process_train_cli_end_to_end(tmp_path):
+    """``star-elastic train`` as two processes (``launch/local_multiprocess.sh 2``) on an fsdp = 2 mesh,
+    so every parameter is split across the processes: CE pre-training, ranking, elastic KD, then the
+    parent and the nested checkpoint written jointly. Read back by this single process, both hold
+    full finite arrays, the nested one differs from the parent (KD moved it), every KD step logged."""
+    from star_elastic_jax.checkpoint.elastic import load_elastic
+    from star_elastic_jax.checkpoint.orbax import load_params
+    from star_elastic_jax.train.metrics import read_jsonl
+    from test_train_step import TEST_OVERRIDES, make_config
+
+    workdir = tmp_path / "run"
+    overrides = [*TEST_OVERRIDES, "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+    env = _env(1)
+    env.update(PYTHON=sys.executable, PORT=str(_free_port()))
+    cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", str(workdir), "--", *overrides]
+    logs = _run("cli", [(cmd, env)], tmp_path, timeout=420)
+    assert "nested elastic checkpoint:" in logs[0], logs[0][-3000:]
+    for i in range(2):
+        text = (workdir / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i}/2" in text and "Traceback" not in text, text[-3000:]
+
+    cfg = make_config()
+    kd = [r for r in read_jsonl(workdir / "metrics.jsonl") if r.get("split") != "eval"]
+    assert sorted({r["step"] for r in kd}) == list(range(1, cfg.total_steps + 1))
+    assert all(np.isfinite(r["kd_loss"]) for r in kd)
+
+    _, parent = load_params(workdir / "parent")
+    nested = load_elastic(workdir / "elastic")
+    assert set(nested.budgets) == {"1.0", "0.78", "0.577"}
+    from star_elastic_jax.checkpoint.orbax import flat_params
+
+    student = flat_params(nested.model)
+    assert set(student) == set(parent)
+    moved = 0
+    for path, p in parent.items():
+        s = np.asarray(student[path])
+        assert s.shape == p.shape and np.isfinite(s).all(), path
+        moved += int(not np.array_equal(s, np.asarray(p)))
+    assert moved > len(parent) // 2

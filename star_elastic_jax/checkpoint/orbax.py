@@ -13,10 +13,11 @@ import shutil
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from star_elastic_jax.checkpoint.atomic import replace_dir, staging_dir
+from star_elastic_jax.checkpoint.atomic import publish_dir, shared_staging_dir
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
 
@@ -62,22 +63,33 @@ def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, ext
             raise CheckpointError("extra_state", name,
                                   f"names must be identifiers other than {sorted(_RESERVED_NAMES)}")
     directory = os.path.abspath(os.fspath(directory))
-    tmp = staging_dir(directory, ".tmp-ckpt-")
+    tmp = shared_staging_dir(directory, ".tmp-ckpt-")
+    main = jax.process_index() == 0
     try:
-        state = nnx.traversals.unflatten_mapping({tuple(p): v for p, v in params.items()})
+        state = nnx.traversals.unflatten_mapping({tuple(p): _savable(v) for p, v in params.items()})
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, STATE_DIR), state)
             for name, tree in extra_state.items():
                 if tree is not None:
                     ckptr.save(os.path.join(tmp, name), tree)
             ckptr.wait_until_finished()
-        _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
-        _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
-        replace_dir(tmp, directory)
+        if main:
+            _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
+            _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
+        publish_dir(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _savable(x):
+    """Multi-process, a process-local ``jax.Array`` (every process holds the same full value) is saved
+    as a host array, which Orbax writes once; arrays spanning processes are written shard by shard."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable:
+        return np.asarray(x)
+    return x
 
 
 def abstract_params(cfg: ModelConfig) -> dict[Path, Any]:
@@ -136,7 +148,7 @@ def load_params(directory: str | os.PathLike) -> tuple[ModelConfig, dict[Path, A
     cfg = read_config(directory)
     want = abstract_params(cfg)
     state_dir = os.path.join(directory, STATE_DIR)
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         with ocp.StandardCheckpointer() as ckptr:
             stored = nnx.traversals.flatten_mapping(_tree_of(ckptr.metadata(state_dir)))
@@ -164,7 +176,7 @@ def load_extra_state(directory: str | os.PathLike, name: str) -> Any | None:
     path = os.path.join(os.path.abspath(os.fspath(directory)), name)
     if name in _RESERVED_NAMES or not os.path.isdir(path):
         return None
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = _tree_of(ckptr.metadata(path))

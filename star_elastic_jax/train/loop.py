@@ -44,10 +44,12 @@ def pretrain_stages(cfg: TrainConfig) -> tuple[StageConfig, ...]:
                         p.micro_batches),)
 
 
-def stage_dataset(cfg: TrainConfig, stage: StageConfig, seed: int):
+def stage_dataset(cfg: TrainConfig, stage: StageConfig, seed: int, *, per_process: bool = True):
+    """The stage's training data: this process's shard, or (``per_process=False``) the whole global
+    batches on every process (calibration, which every process computes identically)."""
+    index, count = (jax.process_index(), jax.process_count()) if per_process else (0, 1)
     return make_dataset(cfg.data, split="train", seq_len=stage.seq_len, batch_size=stage.batch_size, seed=seed,
-                        model_config=cfg.model, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        model_config=cfg.model, process_index=index, process_count=count)
 
 
 def eval_batches(cfg: TrainConfig, seq_len: int) -> list[dict]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -174,6 +175,25 @@ def param_shardings(tree, mesh):
     usable as ``jax.jit`` in/out shardings of that state and as a ``jax.device_put`` target."""
     specs = param_specs(tree, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works when the shardings span several processes.
+
+    Multi-process, a process-local array (e.g. a checkpoint every process restored) cannot be
+    transferred to another host's devices, so each process builds its own shards from the host copy
+    (every process holds the same value); an array that already spans processes is resharded by a
+    jitted identity. The result never aliases the input (train steps donate their state)."""
+    if jax.process_count() == 1:
+        return jax.device_put(jax.tree.map(jnp.array, tree), shardings)
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.jit(lambda a: a, out_shardings=s)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def shard_model(model: nnx.Module, mesh) -> nnx.Module:

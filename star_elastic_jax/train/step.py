@@ -141,21 +141,20 @@ class TrainStep:
             if router is None:
                 raise ConfigError("router", None, "KD mode needs a BudgetRouter")
             params["router"] = nnx.split(router, nnx.Param)[1]
-        params = jax.device_put(jax.tree.map(jnp.array, params), self.params_sharding)
-        buffers = jax.device_put(jax.tree.map(jnp.array, m_buffers), self.buffers_sharding)
+        params = sh.put(params, self.params_sharding)
+        buffers = sh.put(m_buffers, self.buffers_sharding)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
         key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
-        return {"step": jax.device_put(jnp.zeros((), jnp.int32), self._rep),
-                "rng": jax.device_put(key, self._rep), "params": params, "buffers": buffers, "opt_state": opt_state}
+        return {"step": sh.put(jnp.zeros((), jnp.int32), self._rep),
+                "rng": sh.put(key, self._rep), "params": params, "buffers": buffers, "opt_state": opt_state}
 
     def teacher_from(self, model: NemotronH) -> tuple:
         """The frozen teacher ``(params, buffers)`` (floating params cast to ``teacher_dtype``), sharded
         like the student. Never donated, never optimized."""
         _, t_params, t_buffers = nnx.split(model, nnx.Param, ...)
         dt = jnp.dtype(self.teacher_dtype)
-        cast = lambda x: jnp.asarray(x, dt) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(x)  # noqa
-        return jax.device_put((jax.tree.map(cast, t_params), jax.tree.map(jnp.array, t_buffers)),
-                              self.teacher_sharding)
+        cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        return sh.put((jax.tree.map(cast, t_params), t_buffers), self.teacher_sharding)
 
     def model_from_state(self, state: Mapping) -> NemotronH:
         return nnx.merge(self.model_graphdef, state["params"]["model"], state["buffers"])

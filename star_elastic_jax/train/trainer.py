@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from star_elastic_jax.checkpoint.orbax import flat_params
 from star_elastic_jax.errors import CheckpointError
 from star_elastic_jax.train import sharding as sh
 from star_elastic_jax.train.config import StageConfig, TrainConfig
@@ -98,25 +99,40 @@ def pretrain_parent(cfg: TrainConfig, workdir: str, mesh, *, datasets=None, prog
 
 
 def rank_parent(cfg: TrainConfig, model, *, progress: bool = True):
-    """Importance ranking (SPEC 3.3) on ``pretrain.calib_batches`` calibration batches of the training data."""
-    from star_elastic_jax.checkpoint.orbax import flat_params
+    """Importance ranking (SPEC 3.3) on ``pretrain.calib_batches`` calibration batches of the training data.
+
+    Multi-process, every process gathers the parent to host and ranks the same global calibration
+    batches on its own first device: the scores, hence the permutation, are identical everywhere and
+    the permuted parent comes back process-local (:func:`checkpoint.orbax.save_model` writes it once)."""
     from star_elastic_jax.elastic.importance import rank
     from star_elastic_jax.model.model import model_from_params
 
     p = cfg.pretrain
     st = StageConfig("calibration", "uniform", p.seq_len, 1, p.batch_size, 1)
-    it = iter(stage_dataset(cfg, st, data_seed(cfg, "pretrain", 0) + 50))
+    it = iter(stage_dataset(cfg, st, data_seed(cfg, "pretrain", 0) + 50, per_process=False))
     batches = []
     for _ in range(p.calib_batches):
         b = next(it)
         batches.append((b["tokens"], b["segment_ids"]))
     # elastic.importance computes the fc2-input statistics with an identity "down" through expert_ffn,
-    # which only the ragged/dense kernels support (the blocked one assumes down is [E, H, F]): rank a
+    # which only the ragged/dense kernels support (the others assume down is [E, H, F]): rank a
     # ragged-kernel view of the same arrays, then rebuild the permuted model with the run's config.
-    cfg_rank = model.cfg.with_updates(moe_impl="ragged") if model.cfg.moe_impl in ("auto", "blocked") else model.cfg
-    view = model_from_params(cfg_rank, flat_params(model), depth_order=model.depth_order)
+    cfg_rank = model.cfg if model.cfg.moe_impl == "dense" else model.cfg.with_updates(moe_impl="ragged")
+    view = model_from_params(cfg_rank, host_params(model), depth_order=model.depth_order)
     ranked, _ = rank(view, batches, progress=progress and is_main())
     return model_from_params(model.cfg, flat_params(ranked), depth_order=ranked.depth_order)
+
+
+def host_params(model) -> dict:
+    """``flat_params(model)`` with every array that spans several processes gathered to a full host
+    copy (a collective when multi-process: every process must call it)."""
+    params = flat_params(model)
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+            if isinstance(v, jax.Array) and not v.is_fully_addressable else v for k, v in params.items()}
 
 
 def prepare_parent(cfg: TrainConfig, workdir: str, mesh, *, progress: bool = True):
