@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     # the 70% reasoning/SFT + 30% pre-training blend (SPEC 3.3): point data.source at it
     c.data = dict(source="synthetic", tokenizer="byte")
     c.mesh = dict(data=-1, fsdp=8, expert=8, tensor=1)
+    # "auto": the Pallas kernels on GPU/TPU, the pure-JAX reference on CPU; "reference" | "pallas" pin one
+    c.kernels = dict(ssd="auto", moe="auto")
     c.router = dict(
         budgets=(1.0, 0.78, 0.577),
         choice_lists=dict(hidden=(2688, 1920, 1392), mamba_heads=(64, 48, 32), experts=(128, 96, 64),

@@ -12,6 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = dict(preset="small", overrides={})
     c.data = dict(source="synthetic", tokenizer="byte", synthetic=dict(max_digits=6, max_items=12))
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    # "auto": the Pallas kernels on GPU/TPU, the pure-JAX reference on CPU; "reference" | "pallas" pin one
+    c.kernels = dict(ssd="auto", moe="auto")
     c.router = dict(
         budgets=(1.0, 0.78, 0.577),
         choice_lists=dict(hidden=(512, 448, 384, 320), mamba_heads=(16, 12, 8), experts=(16, 12, 8),

@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = dict(preset="tiny", overrides={})
     c.data = dict(source="synthetic", tokenizer="byte", synthetic=dict(max_digits=3, max_items=6))
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    # "auto": the Pallas kernels on GPU/TPU, the pure-JAX reference on CPU; "reference" | "pallas" pin one
+    c.kernels = dict(ssd="auto", moe="auto")
     c.router = dict(
         budgets=(1.0, 0.78, 0.577),
         # index 0 = the full size of every axis (the b = 1 target). The fine FFN lists reach well below

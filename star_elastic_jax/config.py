@@ -38,8 +38,10 @@ _UNSUPPORTED = {
 }
 _RUNTIME_FIELDS = ("compute_dtype", "dt_clamp_min", "ssd_impl", "moe_impl")
 # Kernel implementations the dispatchers (kernels/ssd/dispatch.py, kernels/moe/reference.py) accept.
-SSD_IMPLS = ("auto", "reference")
-MOE_IMPLS = ("auto", "blocked", "ragged", "dense")
+# "auto": the Pallas kernel on GPU/TPU, the pure-JAX reference on CPU. MoE "reference" is the pure-JAX
+# sorted path of the backend (blocked on CPU, ragged_dot elsewhere); blocked/ragged/dense pin one.
+SSD_IMPLS = ("auto", "reference", "pallas")
+MOE_IMPLS = ("auto", "reference", "pallas", "blocked", "ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +103,9 @@ class ModelConfig:
     # ---- runtime fields (ours; never written to config.json) ----
     compute_dtype: str = "float32"      # activations/matmuls: float32 | bfloat16 (params stay as stored)
     dt_clamp_min: float | None = None   # None -> time_step_min (SPEC 1.5); 0.0 reproduces the kernel path
-    ssd_impl: str = "reference"         # chunked SSD implementation
-    moe_impl: str = "auto"              # auto (blocked on CPU, ragged elsewhere) | blocked | ragged | dense (oracle)
+    ssd_impl: str = "auto"              # SSD_IMPLS: auto (pallas on GPU/TPU, reference on CPU) | reference | pallas
+    moe_impl: str = "auto"              # MOE_IMPLS: auto (pallas on GPU/TPU, reference on CPU) | reference | pallas
+    #                                     | blocked | ragged | dense (the one-hot oracle)
 
     def __post_init__(self):
         self.validate()

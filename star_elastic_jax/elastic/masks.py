@@ -14,6 +14,12 @@ Layout of the pytree (a plain dict, so it can be a traced ``jax.jit`` argument):
                 {"keep": [], "heads": [n_q]}                               # * block
                 {"keep": [], "experts": [E], "ffn": [F]}                   # E block
                 {"keep": [], "ffn": [I]}, ...)}                            # - block
+
+Hard masks of a concrete choice (:func:`masks_from_choice`) also carry the sizes as int *limits*,
+which the Pallas kernels turn into skipped work (masked sub-models cost less than the full model):
+``mamba["head_limit"]`` (active heads per group) on M blocks, ``hidden_limit`` and ``ffn_limit`` on
+E blocks. They are plain ints (static when the choice is), so the same pytree can be a traced jit
+argument. Router masks have none: training needs the gradients of the masked-out units.
 """
 from __future__ import annotations
 
@@ -102,4 +108,10 @@ def masks_from_choice(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: S
         if getattr(choice, axis) is not None:
             mix[axis] = ([[c] for c in r.sizes_of(axis, cfg)], np.ones((len(layers_of(cfg, axis)), 1), np.float32))
     keep = np.asarray(r.keep, np.float32) if choice.depth is not None else None
-    return build_masks(cfg, mix, keep=keep)
+    masks = build_masks(cfg, mix, keep=keep)
+    layers = masks["layers"]
+    for i, heads in zip(layers_of(cfg, "mamba_heads"), r.sizes_of("mamba_heads", cfg)):
+        layers[i]["mamba"]["head_limit"] = heads // cfg.n_groups
+    for i, ffn in zip(layers_of(cfg, "expert_ffn"), r.sizes_of("expert_ffn", cfg)):
+        layers[i]["hidden_limit"], layers[i]["ffn_limit"] = r.hidden, ffn
+    return masks

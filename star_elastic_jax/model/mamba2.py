@@ -101,11 +101,9 @@ class Mamba2Mixer(nnx.Module):
         dt = jnp.maximum(dt, cfg.effective_dt_clamp_min)
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         y, _ = ssd(xs.reshape(b, L, h, P), dt, A, B, C, self.D[...], chunk_size=cfg.chunk_size,
-                   segment_ids=segment_ids, impl=_ssd_impl(cfg))
+                   segment_ids=segment_ids, impl=cfg.ssd_impl,
+                   head_limit=None if head_mask is None else head_mask.get("head_limit"))
         g = gated_group_rms_norm(y.reshape(b, L, h * P), z, self.norm_weight[...], G, cfg.layer_norm_epsilon,
                                  None if head_mask is None else head_mask["norm"])
         return linear(g.astype(u.dtype), self.out_proj[...])
 
-
-def _ssd_impl(cfg: ModelConfig) -> str:
-    return "reference" if cfg.ssd_impl == "auto" else cfg.ssd_impl

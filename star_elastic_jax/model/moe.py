@@ -64,6 +64,6 @@ class MoE(nnx.Module):
         idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg,
                              masks.get("experts"))
         routed = routed_expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
-                                   impl=self.cfg.moe_impl,
-                                   ffn_mask=masks.get("ffn"))
+                                   impl=self.cfg.moe_impl, ffn_mask=masks.get("ffn"),
+                                   k_limit=masks.get("hidden_limit"), ffn_limit=masks.get("ffn_limit"))
         return routed.astype(x.dtype).reshape(b, L, H) + self.shared_experts(x)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from star_elastic_jax.config import ModelConfig
+from star_elastic_jax.config import MOE_IMPLS, SSD_IMPLS, ModelConfig
 from star_elastic_jax.data.pipeline import DataConfig
 from star_elastic_jax.data.synthetic import SyntheticConfig
 from star_elastic_jax.elastic.router import RouterConfig
@@ -313,16 +313,32 @@ def model_config_from(data: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError("model.overrides", overrides, f"ModelConfig fields ({e})") from None
 
 
+def with_kernels(model: ModelConfig, kernels: Mapping[str, Any] | None) -> ModelConfig:
+    """Apply the ``kernels`` section (``ssd`` / ``moe``: "auto", "reference", "pallas", ...; the one
+    place a run picks its kernels) to the model config's ``ssd_impl`` / ``moe_impl``."""
+    kernels = dict(kernels or {})
+    fields = {"ssd": ("ssd_impl", SSD_IMPLS), "moe": ("moe_impl", MOE_IMPLS)}
+    updates = {}
+    for key, value in kernels.items():
+        if key not in fields:
+            raise ConfigError(f"kernels.{key}", value, f"valid keys: {sorted(fields)}")
+        field, valid = fields[key]
+        if value not in valid:
+            raise ConfigError(f"kernels.{key}", value, f"one of {valid}")
+        updates[field] = value
+    return model.with_updates(**updates) if updates else model
+
+
 def from_config_dict(config: Any) -> TrainConfig:
     """Freeze an ml_collections ConfigDict (or plain dict) into a validated :class:`TrainConfig`."""
     d = _plain(config)
     if not isinstance(d, Mapping):
         raise ConfigError("config", type(config).__name__, "a ConfigDict")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {"kernels"}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(unknown[0], d[unknown[0]], f"unknown config section; valid: {sorted(known)}")
-    model = model_config_from(d.get("model") or {})
+    model = with_kernels(model_config_from(d.get("model") or {}), d.get("kernels"))
     r = dict(d.get("router") or {})
     budgets = r.pop("budgets", None)
     if budgets is None or (isinstance(budgets, (list, tuple)) and not budgets):

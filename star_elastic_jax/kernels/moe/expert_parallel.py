@@ -184,10 +184,15 @@ def _local_dispatch(x, idx, weights, up, down, ffn_mask, *, ep, impl, placement,
     return y.reshape(Tl, k, H).sum(axis=1)
 
 
-def routed_expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None):
+def routed_expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None, k_limit=None,
+                      ffn_limit=None):
     """The MoE block's entry point: :func:`expert_ffn` unless a multi-device mesh with an ``expert``
-    axis is active (``jax.set_mesh``), then :func:`expert_ffn_parallel` on that mesh."""
+    axis is active (``jax.set_mesh``), then :func:`expert_ffn_parallel` on that mesh.
+
+    The elastic limits (see :func:`expert_ffn`) only reach the single-device kernels; under expert
+    parallelism the FFN may be split over ``tensor``, and the masks alone keep the result exact."""
     mesh = active_mesh()
     if not uses_expert_parallel(mesh):
-        return expert_ffn(x, idx, weights, up, down, impl=impl, ffn_mask=ffn_mask)
+        return expert_ffn(x, idx, weights, up, down, impl=impl, ffn_mask=ffn_mask, k_limit=k_limit,
+                          ffn_limit=ffn_limit)
     return expert_ffn_parallel(x, idx, weights, up, down, mesh=mesh, impl=impl, ffn_mask=ffn_mask)

@@ -8,7 +8,10 @@ simple; it is the oracle the sorted path is tested against.
 ``blocked`` (:mod:`star_elastic_jax.kernels.moe.blocked`): sorted, each expert's group padded to
 whole row blocks, a loop of dense per-block matmuls over the used blocks. Dropless and exact; on CPU,
 where XLA lowers ``ragged_dot`` to a masked dense matmul doing ``E`` times the useful work, it is the
-fast path. ``auto`` picks ``blocked`` when ``jax.default_backend() == "cpu"``, else ``ragged``.
+fast path. ``pallas`` (:mod:`star_elastic_jax.kernels.moe.pallas_ffn`): the Pallas grouped matmuls
+(Triton on GPU, Mosaic on TPU, interpret mode on CPU), the only one that uses the elastic prefix
+limits to skip work. ``reference`` picks ``blocked`` when ``jax.default_backend() == "cpu"``, else
+``ragged``; ``auto`` picks ``pallas`` on GPU/TPU, else ``reference``.
 """
 from __future__ import annotations
 
@@ -59,18 +62,38 @@ def expert_ffn_dense(x, idx, weights, up, down, ffn_mask=None):
     return jnp.einsum("te,teh->th", combine, out.astype(jnp.float32))
 
 
-def _expert_ffn_auto(x, idx, weights, up, down, ffn_mask=None):
+def _expert_ffn_reference(x, idx, weights, up, down, ffn_mask=None):
     """``blocked`` on the CPU backend, ``ragged`` elsewhere (resolved at trace time)."""
     fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
     return fn(x, idx, weights, up, down, ffn_mask)
 
 
+def _expert_ffn_pallas(x, idx, weights, up, down, ffn_mask=None, *, k_limit=None, ffn_limit=None):
+    from star_elastic_jax.kernels.moe.pallas_ffn import expert_ffn_pallas
+
+    return expert_ffn_pallas(x, idx, weights, up, down, ffn_mask, k_limit=k_limit, ffn_limit=ffn_limit)
+
+
+def _expert_ffn_auto(x, idx, weights, up, down, ffn_mask=None, **limits):
+    """``pallas`` on GPU/TPU, ``reference`` on CPU (resolved at trace time)."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        return _expert_ffn_pallas(x, idx, weights, up, down, ffn_mask, **limits)
+    return _expert_ffn_reference(x, idx, weights, up, down, ffn_mask)
+
+
 _IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "blocked": expert_ffn_blocked,
-          "auto": _expert_ffn_auto}
+          "reference": _expert_ffn_reference, "pallas": _expert_ffn_pallas, "auto": _expert_ffn_auto}
+_USES_LIMITS = ("pallas", "auto")
 
 
-def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None):
-    """Dispatch point for the routed experts; returns fp32 ``[T, H]``."""
+def expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_mask=None, k_limit=None, ffn_limit=None):
+    """Dispatch point for the routed experts; returns fp32 ``[T, H]``.
+
+    ``k_limit`` / ``ffn_limit`` (int, traced int32 scalar or None): the elastic prefixes of the hidden
+    and FFN channels. Channels past them must already be zero in ``x`` / after ``ffn_mask``; the
+    Pallas kernels then skip them (exact), the other implementations ignore the limits."""
     if impl not in _IMPLS:
         raise ConfigError("moe_impl", impl, f"one of {sorted(_IMPLS)}")
+    if impl in _USES_LIMITS:
+        return _IMPLS[impl](x, idx, weights, up, down, ffn_mask, k_limit=k_limit, ffn_limit=ffn_limit)
     return _IMPLS[impl](x, idx, weights, up, down, ffn_mask)
