@@ -40,6 +40,7 @@ trap cleanup EXIT INT TERM
 
 for (( i = 0; i < N; i++ )); do
   log="$WORKDIR/logs/process_$i.log"
+  : >"$log"  # exists before `tail -f` below opens it (the background redirection is asynchronous)
   env JAX_PLATFORMS=cpu \
       XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS ${XLA_FLAGS:-}" \
       STAR_ELASTIC_COORDINATOR="127.0.0.1:$PORT" \

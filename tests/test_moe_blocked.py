@@ -191,18 +191,21 @@ def test_zero_tokens():
     assert out.shape == (0, 8) and out.dtype == jnp.float32
 
 
-def test_dispatch_blocked_and_auto(np_rng, monkeypatch):
-    """``impl="blocked"`` runs the blocked path; ``"auto"`` resolves to it on CPU, to ragged elsewhere."""
+def test_dispatch_blocked_reference_and_auto(np_rng, monkeypatch):
+    """``impl="blocked"`` runs the blocked path; ``"reference"`` resolves to it on CPU, to ragged
+    elsewhere; ``"auto"`` to the reference on CPU and to the Pallas kernels on GPU/TPU."""
     x, idx, w, up, down = make_inputs(np_rng, 9, 8, 4, 6, 2, [0, 1, 3])
     want = expert_ffn_dense(x, idx, w, up, down)
     _close(jax.jit(expert_ffn, static_argnames="impl")(x, idx, w, up, down, impl="blocked"), want, RTOL)
     called = []
     monkeypatch.setattr(reference, "expert_ffn_blocked", lambda *a: called.append("blocked") or want)
     monkeypatch.setattr(reference, "expert_ffn_ragged", lambda *a: called.append("ragged") or want)
-    for backend in ("cpu", "gpu", "tpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-        expert_ffn(x, idx, w, up, down, impl="auto")
-    assert called == ["blocked", "ragged", "ragged"]
+    monkeypatch.setattr(reference, "_expert_ffn_pallas", lambda *a, **kw: called.append("pallas") or want)
+    for impl in ("reference", "auto"):
+        for backend in ("cpu", "gpu", "tpu"):
+            monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+            expert_ffn(x, idx, w, up, down, impl=impl)
+    assert called == ["blocked", "ragged", "ragged", "blocked", "pallas", "pallas"]
 
 
 def test_config_accepts_blocked():
