@@ -38,6 +38,7 @@ import numpy as np
 
 from star_elastic_jax.errors import ConfigError
 from star_elastic_jax.kernels.moe import gmm_tpu, gmm_triton
+from star_elastic_jax.kernels.platform import resolve_pallas_backend
 
 BACKENDS = {"triton": gmm_triton, "mosaic_tpu": gmm_tpu}
 
@@ -97,17 +98,6 @@ def work_items(offsets, m: int, bm: int, *, visit_empty: bool) -> WorkItems:
 
 
 # ------------------------------------------------------------------------------ validation
-def _resolve_backend(backend, interpret):
-    if backend is None:
-        platform = jax.default_backend()
-        if platform == "tpu":
-            return "mosaic_tpu", bool(interpret)
-        return "triton", bool(interpret) or platform != "gpu"
-    if backend not in BACKENDS:
-        raise ConfigError("backend", backend, f"one of None, {', '.join(map(repr, BACKENDS))}")
-    return backend, bool(interpret)
-
-
 def _limit(name: str, value, dim: int):
     """A static limit is checked against ``[0, dim]``; a traced one must be an integer scalar and is
     clipped to ``[0, dim]`` at run time. Returns an int32 scalar array."""
@@ -229,7 +219,7 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs: boo
 
     Returns ``[M, N]``. Differentiable w.r.t. ``lhs`` and ``rhs`` (reverse mode) with a custom VJP
     built from :func:`gmm`/:func:`tgmm` kernels. Raises :class:`ConfigError` on bad arguments."""
-    backend, interpret = _resolve_backend(backend, interpret)
+    backend, interpret = resolve_pallas_backend(backend, interpret)
     _check_operands("rhs", lhs, rhs, group_sizes)
     E, d1, d2 = rhs.shape
     K, N = (d2, d1) if transpose_rhs else (d1, d2)
@@ -252,7 +242,7 @@ def tgmm(lhs, grad, group_sizes, *, k_limit=None, n_limit=None, backend=None, in
     ``sum(group_sizes)`` are ignored and empty groups give exactly 0. ``k_limit``/``n_limit`` bound the
     output rows/columns (outside: exactly 0, tiles skipped). Other arguments as :func:`gmm`; ``tiling``
     is ``(bm, bk, bn)`` with ``bm`` the rows per step. Not differentiable (it is gmm's weight gradient)."""
-    backend, interpret = _resolve_backend(backend, interpret)
+    backend, interpret = resolve_pallas_backend(backend, interpret)
     _check_operands("grad", lhs, grad, group_sizes)
     if grad.shape[0] != lhs.shape[0]:
         raise ConfigError("grad.shape", grad.shape, f"{lhs.shape[0]} rows like lhs")

@@ -21,6 +21,7 @@ from jax import lax
 
 from star_elastic_jax.errors import ConfigError
 from star_elastic_jax.kernels.moe.blocked import expert_ffn_blocked
+from star_elastic_jax.kernels.platform import on_accelerator
 
 # contract lhs dim 1 with rhs dim 2 (weights stored [E, out, in]); rhs dim 0 indexes groups.
 _RAGGED_DN = lax.RaggedDotDimensionNumbers(
@@ -76,7 +77,7 @@ def _expert_ffn_pallas(x, idx, weights, up, down, ffn_mask=None, *, k_limit=None
 
 def _expert_ffn_auto(x, idx, weights, up, down, ffn_mask=None, **limits):
     """``pallas`` on GPU/TPU, ``reference`` on CPU (resolved at trace time)."""
-    if jax.default_backend() in ("gpu", "tpu"):
+    if on_accelerator():
         return _expert_ffn_pallas(x, idx, weights, up, down, ffn_mask, **limits)
     return _expert_ffn_reference(x, idx, weights, up, down, ffn_mask)
 

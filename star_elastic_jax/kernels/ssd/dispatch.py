@@ -6,14 +6,12 @@ which is slow and meant for tests). ``auto``: ``pallas`` on GPU/TPU, ``reference
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from star_elastic_jax.config import SSD_IMPLS as IMPLS
 from star_elastic_jax.errors import ConfigError
+from star_elastic_jax.kernels.platform import on_accelerator
 from star_elastic_jax.kernels.ssd.reference import ssd_reference
-
-ACCELERATORS = ("gpu", "tpu")
 
 
 def resolve_impl(impl: str) -> str:
@@ -21,7 +19,7 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ConfigError("ssd_impl", impl, f"one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ACCELERATORS else "reference"
+        return "pallas" if on_accelerator() else "reference"
     return impl
 
 

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from star_elastic_jax.errors import ConfigError
+from star_elastic_jax.kernels.platform import PALLAS_BACKENDS, resolve_pallas_backend
 from star_elastic_jax.kernels.ssd import pallas_tpu, pallas_triton
 from star_elastic_jax.kernels.ssd.reference import document_starts
 
-BACKENDS = ("triton", "mosaic_tpu")
+BACKENDS = PALLAS_BACKENDS
 _F32 = jnp.float32
 _TPU_LANES = 128
 
@@ -56,17 +57,6 @@ def _next_pow2(v: int) -> int:
 
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
-
-
-def _resolve_backend(backend):
-    if backend is None:
-        platform = jax.default_backend()
-        if platform == "tpu":
-            return "mosaic_tpu", False
-        return "triton", platform not in ("gpu", "cuda", "rocm")
-    if backend not in BACKENDS:
-        raise ConfigError("backend", backend, f"one of {(None,) + BACKENDS}")
-    return backend, False
 
 
 def _validate(x, dt, A, B, C, D, chunk_size, initial_state, segment_ids):
@@ -141,8 +131,7 @@ def ssd_pallas(x, dt, A, B, C, D, *, chunk_size, initial_state=None, segment_ids
     Raises:
       ConfigError: bad backend, chunk_size, head_limit or inconsistent shapes (before any tracing).
     """
-    backend, force_interpret = _resolve_backend(backend)
-    interpret = bool(interpret) or force_interpret
+    backend, interpret = resolve_pallas_backend(backend, interpret)
     _validate(x, dt, A, B, C, D, chunk_size, initial_state, segment_ids)
     b, seq, h, p = x.shape
     g, n = B.shape[2:]
