@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from typing import Sequence
 
 from star_elastic_jax.errors import StarElasticError
@@ -20,11 +21,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         if args.ckpt is None:
             raise StarElasticError("--config/--ckpt", None, "give a preset, an HF config path, or --ckpt DIR")
-        cfg = read_config(args.ckpt)
-        if "elastic" in read_metadata(args.ckpt):
+        verify = not args.no_verify
+        cfg = read_config(args.ckpt, verify=verify)
+        if "elastic" in read_metadata(args.ckpt, verify=verify):
             from star_elastic_jax.checkpoint.elastic import read_elastic
 
-            info = read_elastic(args.ckpt)
+            info = read_elastic(args.ckpt, verify=verify)
     else:
         cfg = ModelConfig.load(args.config)
     print(f"pattern {cfg.hybrid_override_pattern} ({cfg.num_hidden_layers} blocks), hidden {cfg.hidden_size}, "
@@ -48,6 +50,7 @@ def _info_rows(args: argparse.Namespace, cfg, info) -> list:
 
     depth_order = None if info is None else info.depth_order
     rows: list = []
+    args.asked = {}  # label -> the fraction asked for (flagged when the delivered one is far from it)
     if args.budgets is None and info is not None:
         rows += list(info.budgets.items())
     if args.budgets is not None:
@@ -77,8 +80,12 @@ def _info_rows(args: argparse.Namespace, cfg, info) -> list:
         if fractions != sorted(set(fractions), reverse=True):
             raise StarElasticError("--budgets", args.budgets, "fractions must be distinct and in descending order "
                                                               "(index 0 = the largest budget)")
-        rows += [(label, v if isinstance(v, ElasticChoice) else choice_for_budget(cfg, v, lists))
-                 for label, v in parsed]
+        for label, v in parsed:
+            if isinstance(v, ElasticChoice):
+                rows.append((label, v))
+            else:
+                args.asked[label] = v
+                rows.append((label, choice_for_budget(cfg, v, lists)))
     for n, text in enumerate(args.choices or []):
         try:
             data = json.loads(text)
@@ -104,46 +111,89 @@ def _print_budgets(args: argparse.Namespace, cfg, info, rows) -> None:
     for label, choice in rows:
         print(f"{label}: {choice.to_dict() or 'full model'}")
     print(budget_table(cfg, rows, depth_order=depth_order))
+    _flag_far_budgets(cfg, rows, getattr(args, "asked", {}), depth_order)
     print(storage_summary(cfg, rows, depth_order=depth_order))
     if info is not None:
         from star_elastic_jax.checkpoint.elastic import measure_storage
 
         distinct = dict(distinct_choices(cfg, rows, depth_order=depth_order))
-        nested, sizes = measure_storage(info.path, distinct)
+        nested, sizes = measure_storage(info.path, distinct, verify=not args.no_verify)
         print(measured_storage_summary(nested, sizes))
+
+
+def _flag_far_budgets(cfg, rows, asked: dict, depth_order) -> None:
+    """A line per row whose delivered active fraction is more than 5 points from the asked one."""
+    from star_elastic_jax.checkpoint.elastic import BUDGET_SLACK, achieved_fraction
+
+    for label, choice in rows:
+        if label not in asked:
+            continue
+        got = achieved_fraction(cfg, choice, depth_order)
+        if abs(got - asked[label]) > BUDGET_SLACK:
+            print(f"warning: budget {label} -> active fraction {got:.4f}, {abs(got - asked[label]) * 100:.1f} points "
+                  f"from the asked {asked[label]:g}: the choice lists allow nothing closer (pass --choice-lists with "
+                  "finer sizes, or --choices)")
+
+
+def _check_out(args: argparse.Namespace, out: str, field: str, *inputs: str) -> None:
+    """The output rules of star_elastic_jax.outputs, checked before anything is read, naming the flag."""
+    from star_elastic_jax.outputs import check_output_dir, parse_size
+
+    check_output_dir(out, inputs=inputs, overwrite=args.overwrite, field=field)
+    if getattr(args, "max_shard_size", None) is not None:
+        parse_size(args.max_shard_size, "--max-shard-size")
 
 
 def _cmd_slice(args: argparse.Namespace) -> int:
     from star_elastic_jax.checkpoint.elastic import slice_checkpoint
     from star_elastic_jax.errors import ChoiceError
 
+    _check_out(args, args.out, "--out", args.ckpt)
     try:
         res = slice_checkpoint(args.ckpt, args.budget, args.out, hf=args.hf, dtype=args.dtype,
-                               max_shard_size=args.max_shard_size)
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                               verify=not args.no_verify, allow_nonfinite=args.allow_nonfinite)
     except ChoiceError as e:
         if e.field == "budget":
             raise StarElasticError("--budget", e.value, e.valid) from None
         raise
     pc = res.cfg.param_count()
-    print(f"budget {args.budget} -> {res.choice.to_dict() or 'full model'}")
+    frac = res.active_fraction
+    print(f"budget {args.budget} -> {res.choice.to_dict() or 'full model'} (active fraction {frac:.4f})")
+    _note_far_slice(args.budget, frac)
     print(f"wrote {'HF' if args.hf else 'Orbax'} checkpoint {res.out} ({pc.total:,} parameters, {pc.active:,} active)")
     return 0
+
+
+def _note_far_slice(budget: str, frac: float) -> None:
+    from star_elastic_jax.checkpoint.elastic import BUDGET_SLACK
+
+    try:
+        asked = float(budget)
+    except ValueError:
+        return  # a stored budget name: delivered exactly as stored
+    if abs(frac - asked) > BUDGET_SLACK:
+        print(f"note: asked for {asked:g}, delivered active fraction {frac:.4f} ({abs(frac - asked) * 100:.1f} points "
+              "away): the closest sub-model this checkpoint's choice lists allow")
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from star_elastic_jax.checkpoint.hf import params_to_hf
 
+    _check_out(args, args.out, "--out", args.ckpt)
+    verify = not args.no_verify
     if args.elastic:
         from star_elastic_jax.checkpoint.elastic import export_elastic_hf, read_elastic
 
-        info = read_elastic(args.ckpt)
-        export_elastic_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        info = read_elastic(args.ckpt, verify=verify)
+        export_elastic_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite, verify=verify, allow_nonfinite=args.allow_nonfinite)
         print(f"wrote elastic HF checkpoint {args.out} ({args.dtype}; budgets: {', '.join(info.budgets) or 'none'})")
     else:
         from star_elastic_jax.checkpoint.orbax import load_params
 
-        cfg, params = load_params(args.ckpt)
-        params_to_hf(cfg, params, args.out, args.dtype, max_shard_size=args.max_shard_size)
+        cfg, params = load_params(args.ckpt, verify=verify, allow_nonfinite=args.allow_nonfinite)
+        params_to_hf(cfg, params, args.out, args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         print(f"wrote HF checkpoint {args.out} ({args.dtype})")
     return 0
 
@@ -152,17 +202,25 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from star_elastic_jax.checkpoint.hf import from_hf, to_hf
     from star_elastic_jax.checkpoint.orbax import load_model, save_model
 
+    verify = not args.no_verify
     if args.from_hf:
         if not args.out:
             raise StarElasticError("--out", None, "--from-hf needs --out DIR (the Orbax checkpoint to write)")
-        model = from_hf(args.from_hf, progress=True)
-        save_model(model, args.out, metadata={"source": os.path.abspath(args.from_hf)})
+        if args.to_hf:
+            raise StarElasticError("--to-hf", args.to_hf, "goes with --ckpt; with --from-hf give --out")
+        _check_out(args, args.out, "--out", args.from_hf)
+        model = from_hf(args.from_hf, progress=True, verify=verify, allow_nonfinite=args.allow_nonfinite)
+        save_model(model, args.out, metadata={"source": os.path.abspath(args.from_hf)}, overwrite=args.overwrite)
         print(f"wrote Orbax checkpoint {args.out} ({model.cfg.param_count().total:,} parameters)")
     else:
         if not args.to_hf:
             raise StarElasticError("--to-hf", None, "--ckpt needs --to-hf DIR (the HF checkpoint to write)")
-        model = load_model(args.ckpt)
-        to_hf(model, args.to_hf, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True)
+        if args.out:
+            raise StarElasticError("--out", args.out, "goes with --from-hf; with --ckpt give --to-hf")
+        _check_out(args, args.to_hf, "--to-hf", args.ckpt)
+        model = load_model(args.ckpt, verify=verify, allow_nonfinite=args.allow_nonfinite)
+        to_hf(model, args.to_hf, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True,
+              overwrite=args.overwrite)
         print(f"wrote HF checkpoint {args.to_hf} ({args.dtype})")
     return 0
 
@@ -178,6 +236,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
     from star_elastic_jax.train.trainer import train
 
+    from star_elastic_jax.train.trainer import check_workdir
+
+    if args.stop_after is not None and args.stop_after < 1:
+        raise StarElasticError("--stop-after", args.stop_after, "a positive number of elastic KD steps")
+    if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+        check_workdir(args.workdir, args.stop_after)  # the one-line error, before any setup
     initialize()  # multi-host: coordinator/process from STAR_ELASTIC_*, SLURM or TPU; no-op for one process
     config = apply_overrides(load_config_file(args.config), args.overrides or [])
     cfg = from_config_dict(config)
@@ -185,7 +249,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-    res = train(cfg, args.workdir, until=args.stop_after)
+    res = train(cfg, args.workdir, until=args.stop_after, verify=not args.no_verify,
+                allow_config_change=args.allow_config_change)
     if res.elastic_dir is None:
         print(f"stopped after {res.kd.step} elastic KD steps; run the same command again to resume "
               f"(checkpoints in {os.path.join(args.workdir, 'checkpoints')})")
@@ -198,10 +263,32 @@ def _add_hf_write_args(parser: argparse.ArgumentParser, dtype_default: str | Non
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
 
+def _add_read_args(parser: argparse.ArgumentParser, *, nonfinite: bool = True) -> None:
+    """``--no-verify`` (and ``--allow-nonfinite``), shared by every subcommand that reads a checkpoint."""
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking the input checkpoint against its sha256 manifest (faster; a damaged file "
+                             "is then not detected)")
+    if nonfinite:
+        parser.add_argument("--allow-nonfinite", action="store_true",
+                            help="load parameters that hold NaN/inf, with a warning, instead of refusing them")
+
+
+def _add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory, only if it holds a checkpoint star-elastic wrote "
+                             "and nothing else (anything else is never deleted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="star-elastic",
-                                description="Elastic many-in-one Nemotron-H models in JAX/Flax.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                                description="Elastic many-in-one Nemotron-H models in JAX/Flax. Errors print one line "
+                                            "(exit 2); --debug shows the traceback.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw))
 
     info = sub.add_parser("info", help="print the layer table and parameter counts of a config or checkpoint",
                           description="Print the layer table and exact total/active parameter counts; with "
@@ -220,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--choices", metavar="JSON", action="append",
                       help='an explicit choice, e.g. \'{"hidden": 2688, "mamba_heads": 32, "experts": 128, '
                            '"expert_ffn": 1328}\' (repeatable)')
+    _add_read_args(info, nonfinite=False)
     info.set_defaults(func=_cmd_info)
 
     conv = sub.add_parser("convert", help="convert between HF safetensors and Orbax checkpoints",
@@ -230,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", metavar="DIR", help="Orbax checkpoint directory to write (with --from-hf)")
     conv.add_argument("--to-hf", metavar="DIR", help="HF checkpoint directory to write (with --ckpt)")
     _add_hf_write_args(conv, "bfloat16", "tensor dtype of the HF checkpoint (default bfloat16, like NVIDIA's)")
+    _add_overwrite_arg(conv)
+    _add_read_args(conv)
     conv.set_defaults(func=_cmd_convert)
 
     sl = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint (pure array slicing)",
@@ -243,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--hf", action="store_true", help="write HF NemotronH safetensors instead of Orbax "
                                                       "(homogeneous budgets only)")
     _add_hf_write_args(sl, None, "tensor dtype (default: bfloat16 with --hf, the stored dtypes for Orbax)")
+    _add_overwrite_arg(sl)
+    _add_read_args(sl)
     sl.set_defaults(func=_cmd_slice)
 
     ex = sub.add_parser("export-hf", help="write a checkpoint in HF format (--elastic: with budgets and recipe)",
@@ -254,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="DIR", help="HF checkpoint directory to write")
     ex.add_argument("--elastic", action="store_true", help="add the elastic block (needs an elastic checkpoint)")
     _add_hf_write_args(ex, "bfloat16", "tensor dtype (default bfloat16)")
+    _add_overwrite_arg(ex)
+    _add_read_args(ex)
     ex.set_defaults(func=_cmd_export_hf)
 
     tr = sub.add_parser("train", help="elastic KD training (CE pre-training and ranking of a parent if needed)",
@@ -267,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop elastic KD after N steps (a checkpoint is saved; rerun to resume)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.add_argument("--allow-config-change", action="store_true",
+                    help="resume although the config differs from WORKDIR/train_config.json in a field that changes "
+                         "the run (the old config is kept as train_config.N.json); logging, eval.every and "
+                         "checkpoint frequency may always change")
+    _add_read_args(tr, nonfinite=False)
     tr.set_defaults(func=_cmd_train, overrides=[])
 
     demo = sub.add_parser("demo", help="build the tiny model, run it, export to HF and compare with transformers",
@@ -285,11 +384,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "func", None) is not _cmd_train:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
+    debug = bool(getattr(args, "debug", False))
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except StarElasticError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the user gave: permissions, a full disk, a missing file
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 -- a bug: one line unless --debug
+        if debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+              "(this is a bug; rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def run_demo(workdir: str, seed: int = 0) -> int:
     print(f"\n== forward == tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} {logits.dtype}")
 
     out = os.path.join(workdir, "tiny-hf")
-    to_hf(model, out, dtype="float32")
+    to_hf(model, out, dtype="float32", overwrite=True)  # a rerun replaces its own earlier export
     print(f"\n== exported to HF format == {out}: {sorted(os.listdir(out))}")
     try:
         import torch

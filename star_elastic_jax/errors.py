@@ -28,5 +28,10 @@ class ChoiceError(StarElasticError):
     """An elastic choice or budget is invalid for the model it is applied to."""
 
 
+class OutputError(StarElasticError):
+    """An output path is unsafe: it would overwrite or delete files star_elastic_jax did not write,
+    overlaps an input, or cannot be created."""
+
+
 class DataError(StarElasticError):
     """A dataset, tokenizer or batch is unusable."""

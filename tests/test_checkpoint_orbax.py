@@ -36,7 +36,7 @@ def test_save_load_is_exact(tiny_model, tmp_path):
 def test_overwrite_leaves_no_temporaries(tiny_model, tmp_path):
     d = tmp_path / "ck"
     ckpt.save_model(tiny_model, d)
-    ckpt.save_model(tiny_model, d)
+    ckpt.save_model(tiny_model, d, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 

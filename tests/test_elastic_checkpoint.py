@@ -141,7 +141,9 @@ def test_malformed_elastic_metadata(setup, tmp_path, edit, match):
     path = str(tmp_path / "ck")
     shutil.copytree(setup["path"], path)
     _edit_metadata(path, edit)
-    with pytest.raises(sej.CheckpointError, match=match):
+    with pytest.raises(sej.CheckpointError, match=match):  # the metadata checks behind the manifest's
+        sej.load_elastic(path, verify=False)
+    with pytest.raises(sej.CheckpointError, match="metadata.json"):  # and the manifest catches the edit first
         sej.load_elastic(path)
 
 

@@ -1,7 +1,8 @@
 """Atomic directory writes: stage into a temporary sibling, then rename into place.
 
 A process killed mid-write leaves only a ``.tmp-*`` sibling, never a half-written checkpoint under
-the real name; an existing checkpoint is swapped out only once the new one is complete.
+the real name; an existing checkpoint is swapped out only once the new one is complete. The
+single-process primitives live in :mod:`star_elastic_jax.outputs` (standard library only).
 
 Multi-process runs (``jax.process_count() > 1``) write one checkpoint together: every process must
 stage into the *same* directory (Orbax writes each process's shards there and waits for all of
@@ -12,35 +13,13 @@ them), and only process 0 may rename it into place, after which everyone waits f
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 
+from star_elastic_jax.outputs import replace_dir, staging_dir
 
-def staging_dir(target: str, prefix: str) -> str:
-    """A fresh temporary directory beside ``target``, with the usual umask-based permissions
-    (``mkdtemp`` alone gives 0700, which would hide checkpoints from others on shared storage)."""
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def replace_dir(tmp: str, target: str) -> None:
-    """Move the complete ``tmp`` to ``target``; an existing ``target`` is swapped out, then removed."""
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+__all__ = ["barrier", "publish_dir", "replace_dir", "shared_staging_dir", "staging_dir"]
 
 
 def shared_staging_dir(target: str, prefix: str) -> str:
@@ -68,7 +47,12 @@ def publish_dir(tmp: str, target: str) -> None:
     is in place (a collective with several processes)."""
     if jax.process_index() == 0:
         replace_dir(tmp, target)
+    barrier(f"publish {target}")
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (a no-op with one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"star_elastic_jax publish {target}")
+        multihost_utils.sync_global_devices(f"star_elastic_jax {name}")

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from star_elastic_jax.config import ModelConfig
-from star_elastic_jax.elastic.budget import (choice_for_budget, default_choice_lists, nano_choice_lists,
-                                             validate_budget)
+from star_elastic_jax.elastic.budget import (choice_for_budget, choice_param_count, default_choice_lists,
+                                             nano_choice_lists, smallest_active_fraction, validate_budget)
 from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
 from star_elastic_jax.errors import CheckpointError, ChoiceError
 
@@ -126,13 +126,17 @@ def _check_tree(name: str, tree: Any) -> None:
 
 def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, ElasticChoice], *,
                  choice_lists: Mapping[str, Sequence[int]] | None = None, router_state: Any = None,
-                 scores: Any = None) -> str:
+                 scores: Any = None, overwrite: bool = False) -> str:
     """Write ``model`` (the permuted parent) and its named budgets as ONE nested Orbax checkpoint.
 
     Every budget is validated against the model (``choice.resolve(cfg, depth_order=...)``) and the
     choice lists and extra state are checked before anything is written (:class:`ChoiceError` /
     :class:`CheckpointError`). ``router_state`` / ``scores``: nested dicts of arrays (string keys).
+    ``overwrite``: as :func:`checkpoint.orbax.save_model` (only a checkpoint of ours is replaced).
     """
+    from star_elastic_jax.outputs import check_output_dir
+
+    check_output_dir(directory, overwrite=overwrite, field="directory")  # before any validation work
     from star_elastic_jax.checkpoint.orbax import save_model
 
     cfg: ModelConfig = model.cfg
@@ -152,16 +156,18 @@ def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, Elas
         "scores": SCORES_STATE if scores is not None else None,
     }}
     extra = {ROUTER_STATE: router_state, SCORES_STATE: scores}
-    return save_model(model, directory, metadata=meta, extra_state={k: v for k, v in extra.items() if v is not None})
+    return save_model(model, directory, metadata=meta, extra_state={k: v for k, v in extra.items() if v is not None},
+                      overwrite=overwrite)
 
 
-def read_elastic(directory: str | os.PathLike) -> ElasticInfo:
-    """Read and validate an elastic checkpoint's metadata (:class:`CheckpointError` if it is not one)."""
+def read_elastic(directory: str | os.PathLike, *, verify: bool = True) -> ElasticInfo:
+    """Read and validate an elastic checkpoint's metadata (:class:`CheckpointError` if it is not one;
+    ``verify``: its JSON files are checked against the manifest first)."""
     from star_elastic_jax.checkpoint.orbax import read_config, read_metadata
 
     directory = os.path.abspath(os.fspath(directory))
-    cfg = read_config(directory)
-    block = read_metadata(directory).get("elastic")
+    cfg = read_config(directory, verify=verify)
+    block = read_metadata(directory, verify=verify).get("elastic")
     if not isinstance(block, dict):
         raise CheckpointError("metadata.json:elastic", None if block is None else type(block).__name__,
                               f"{directory} is not an elastic checkpoint (write one with save_elastic)")
@@ -195,17 +201,21 @@ def read_elastic(directory: str | os.PathLike) -> ElasticInfo:
                        format_version=version, permuted=bool(block.get("permuted", True)))
 
 
-def load_elastic(directory: str | os.PathLike) -> ElasticCheckpoint:
-    """Load an elastic checkpoint: the parent model (stored dtypes kept), budgets, lists, router state."""
+def load_elastic(directory: str | os.PathLike, *, verify: bool = True, allow_nonfinite: bool = False
+                 ) -> ElasticCheckpoint:
+    """Load an elastic checkpoint: the parent model (stored dtypes kept), budgets, lists, router state.
+    ``verify`` / ``allow_nonfinite``: as :func:`checkpoint.orbax.load_params` (verified once)."""
     from star_elastic_jax.checkpoint.orbax import load_extra_state, load_params
     from star_elastic_jax.model.model import model_from_params
 
-    info = read_elastic(directory)
-    cfg, params = load_params(info.path)
+    info = read_elastic(directory, verify=verify)
+    cfg, params = load_params(info.path, verify=verify, allow_nonfinite=allow_nonfinite)
     model = model_from_params(cfg, params, depth_order=info.depth_order, where=info.path)
     return ElasticCheckpoint(model=model, budgets=dict(info.budgets), choice_lists=info.choice_lists,
-                             depth_order=info.depth_order, router_state=load_extra_state(info.path, ROUTER_STATE),
-                             format_version=info.format_version, scores=load_extra_state(info.path, SCORES_STATE))
+                             depth_order=info.depth_order,
+                             router_state=load_extra_state(info.path, ROUTER_STATE, verify=False),
+                             format_version=info.format_version,
+                             scores=load_extra_state(info.path, SCORES_STATE, verify=False))
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -233,6 +243,8 @@ def resolve_budget(ckpt, name_or_fraction: str | float, *, resolver: ChoiceResol
 
     Fractions go to ``resolver(cfg, fraction)`` when given (the hook for a trained budget router),
     else to :func:`choice_for_budget` over the checkpoint's choice lists (or the config's defaults).
+    A fraction more than :data:`BUDGET_SLACK` below the smallest sub-model those lists allow cannot be
+    honoured and is a :class:`ChoiceError` (never silently replaced by a larger model).
     """
     budgets = ckpt.budgets
     if isinstance(name_or_fraction, str) and name_or_fraction in budgets:
@@ -246,7 +258,22 @@ def resolve_budget(ckpt, name_or_fraction: str | float, *, resolver: ChoiceResol
     cfg = ckpt.cfg
     if resolver is not None:
         return resolver(cfg, fraction)
-    return choice_for_budget(cfg, fraction, choice_lists_for(cfg, ckpt.choice_lists))
+    lists = choice_lists_for(cfg, ckpt.choice_lists)
+    smallest = smallest_active_fraction(cfg, lists)
+    if fraction < smallest - BUDGET_SLACK:
+        raise ChoiceError("budget", name_or_fraction,
+                          f"the smallest sub-model of this checkpoint's choice lists has active fraction {smallest:.4f}; "
+                          f"ask for a fraction of at least {max(smallest - BUDGET_SLACK, 0.0):.2f} (or a stored budget "
+                          "name)")
+    return choice_for_budget(cfg, fraction, lists)
+
+
+BUDGET_SLACK = 0.05  # 5 points of active fraction: a delivered size further than this from the asked one is flagged
+
+
+def achieved_fraction(cfg: ModelConfig, choice: ElasticChoice, depth_order=None) -> float:
+    """Active parameters of ``choice`` as a fraction of the full model's."""
+    return choice_param_count(cfg, choice, depth_order=depth_order).active / cfg.param_count().active
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "hybrid_override_pattern", "num_attention_heads", "num_key_value_heads",
@@ -271,7 +298,8 @@ def choice_lists_for(cfg: ModelConfig, stored: Mapping[str, Sequence[int]] | Non
 class SliceResult:
     out: str
     choice: ElasticChoice
-    cfg: ModelConfig
+    cfg: ModelConfig               # the sliced model's config
+    active_fraction: float = 1.0   # its active parameters over the parent's
 
 
 def _numpy_params(params: Mapping[tuple, Any]) -> dict[tuple, np.ndarray]:
@@ -299,30 +327,29 @@ def _cast(params: dict[tuple, np.ndarray], cfg: ModelConfig, dtype: str | None) 
 
 def slice_checkpoint(src: str | os.PathLike, budget: str | float | ElasticChoice, out: str | os.PathLike, *,
                      hf: bool = False, dtype: str | None = None, max_shard_size: int | str = "5GB",
-                     resolver: ChoiceResolver | None = None) -> SliceResult:
+                     resolver: ChoiceResolver | None = None, overwrite: bool = False, verify: bool = True,
+                     allow_nonfinite: bool = False) -> SliceResult:
     """Cut ``budget`` (a stored budget name, a fraction, or an explicit :class:`ElasticChoice`) out of
     the elastic checkpoint ``src`` and write it to ``out``: an Orbax model checkpoint, or with
     ``hf=True`` an HF NemotronH checkpoint (``dtype`` default bfloat16; heterogeneous choices raise
     :class:`ConfigError` before anything is read or written). Pure array slicing of the stored
-    arrays; ``src`` is only read. Orbax output keeps the stored dtypes unless ``dtype`` is set.
+    arrays; ``src`` is only read (and verified, unless ``verify=False``). ``out`` must not overlap
+    ``src``; an existing one is replaced only with ``overwrite`` and only if it is ours. Orbax output
+    keeps the stored dtypes unless ``dtype`` is set.
     """
+    from star_elastic_jax.outputs import parse_size
     from star_elastic_jax.checkpoint.orbax import load_params
+    from star_elastic_jax.outputs import check_output_dir
 
-    src, out = _check_paths(src, out)
-    info = read_elastic(src)
+    src = os.path.abspath(os.fspath(src))
+    out = check_output_dir(out, inputs=[src], overwrite=overwrite)
+    parse_size(max_shard_size)
+    info = read_elastic(src, verify=verify)
     choice = budget if isinstance(budget, ElasticChoice) else resolve_budget(info, budget, resolver=resolver)
     _precheck(info, choice, hf)
-    _, params = load_params(src)
+    _, params = load_params(src, verify=verify, allow_nonfinite=allow_nonfinite)
     return _write_slice(info, _numpy_params(params), choice, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
-                        label=budget if not isinstance(budget, ElasticChoice) else None)
-
-
-def _check_paths(src, out) -> tuple[str, str]:
-    src = os.path.abspath(os.fspath(src))
-    out = os.path.abspath(os.fspath(out))
-    if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
-        raise CheckpointError("out", out, f"must not overlap the source checkpoint {src}")
-    return src, out
+                        label=budget if not isinstance(budget, ElasticChoice) else None, overwrite=overwrite)
 
 
 def _precheck(info: ElasticInfo, choice: ElasticChoice, hf: bool) -> None:
@@ -334,7 +361,8 @@ def _precheck(info: ElasticInfo, choice: ElasticChoice, hf: bool) -> None:
 
 
 def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: ElasticChoice, out: str, *,
-                 hf: bool, dtype: str | None, max_shard_size: int | str = "5GB", label=None) -> SliceResult:
+                 hf: bool, dtype: str | None, max_shard_size: int | str = "5GB", label=None,
+                 overwrite: bool = False) -> SliceResult:
     from star_elastic_jax.checkpoint.hf import params_to_hf
     from star_elastic_jax.checkpoint.orbax import save_params
     from star_elastic_jax.elastic.slicing import slice_params, sliced_depth_order
@@ -345,27 +373,35 @@ def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: Ela
               "choice": choice.to_dict()}
     if hf:
         params_to_hf(new_cfg, new_params, out, dtype or "bfloat16", max_shard_size=max_shard_size,
-                     extra_config={"elastic": marker})
+                     extra_config={"elastic": marker}, overwrite=overwrite)
     else:
         depth = sliced_depth_order(info.depth_order, r.keep)
         marker["depth_order"] = None if depth is None else list(depth)
         save_params(new_cfg, _cast(new_params, new_cfg, dtype), out,
-                    metadata={"source": info.path, "elastic_slice": marker})
-    return SliceResult(out=out, choice=choice, cfg=new_cfg)
+                    metadata={"source": info.path, "elastic_slice": marker}, overwrite=overwrite)
+    return SliceResult(out=out, choice=choice, cfg=new_cfg,
+                       active_fraction=new_cfg.param_count().active / info.cfg.param_count().active)
 
 
 def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
-                      max_shard_size: int | str = "5GB") -> str:
+                      max_shard_size: int | str = "5GB", overwrite: bool = False, verify: bool = True,
+                      allow_nonfinite: bool = False) -> str:
     """Write the full permuted parent of elastic checkpoint ``src`` in HF format; config.json gets an
     ``elastic`` block (budgets with their sliced config fields and counts, the slicing recipe) that
-    ``star_elastic_jax/export/slice_hf.py`` reads; router state goes to ``elastic_router.safetensors``."""
+    ``star_elastic_jax/export/slice_hf.py`` reads; router state goes to ``elastic_router.safetensors``.
+    ``out`` must not overlap ``src``; ``overwrite`` / ``verify`` as :func:`slice_checkpoint`."""
     from star_elastic_jax.checkpoint.hf import params_to_hf
+    from star_elastic_jax.outputs import parse_size
     from star_elastic_jax.checkpoint.orbax import load_extra_state, load_params
+    from star_elastic_jax.outputs import check_output_dir
 
-    info = read_elastic(src)
+    src = os.path.abspath(os.fspath(src))
+    out = check_output_dir(out, inputs=[src], overwrite=overwrite)
+    parse_size(max_shard_size)
+    info = read_elastic(src, verify=verify)
     block = elastic_hf_block(info.cfg, info.budgets, depth_order=info.depth_order)
-    cfg, params = load_params(info.path)
-    router = load_extra_state(info.path, ROUTER_STATE)
+    cfg, params = load_params(info.path, verify=verify, allow_nonfinite=allow_nonfinite)
+    router = load_extra_state(info.path, ROUTER_STATE, verify=False)
     extra_files = None
     if router is not None:
         import jax
@@ -376,7 +412,7 @@ def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: 
         extra_files = {ROUTER_HF_FILE: tensors}
         block["router_file"] = ROUTER_HF_FILE
     return params_to_hf(cfg, _numpy_params(params), out, dtype, max_shard_size=max_shard_size,
-                        extra_config={"elastic": block}, extra_files=extra_files)
+                        extra_config={"elastic": block}, extra_files=extra_files, overwrite=overwrite)
 
 
 def elastic_hf_block(cfg: ModelConfig, budgets: Mapping[str, ElasticChoice], *,
@@ -402,7 +438,7 @@ def dir_bytes(path: str | os.PathLike) -> int:
 
 
 def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice | str | float], *,
-                    workdir: str | os.PathLike | None = None) -> tuple[int, dict[str, int]]:
+                    workdir: str | os.PathLike | None = None, verify: bool = True) -> tuple[int, dict[str, int]]:
     """``(nested bytes, {label: bytes of that budget's separately sliced Orbax checkpoint})``. The
     source arrays are read once; each budget is sliced into a temporary directory, measured, deleted."""
     import shutil
@@ -410,12 +446,12 @@ def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice 
 
     from star_elastic_jax.checkpoint.orbax import load_params
 
-    info = read_elastic(src)
+    info = read_elastic(src, verify=verify)
     choices = {label: b if isinstance(b, ElasticChoice) else resolve_budget(info, b) for label, b in budgets.items()}
     for c in choices.values():
         _precheck(info, c, hf=False)
     nested = dir_bytes(info.path)
-    _, params = load_params(info.path)
+    _, params = load_params(info.path, verify=verify)
     params = _numpy_params(params)
     sizes: dict[str, int] = {}
     tmp_root = tempfile.mkdtemp(prefix="star-elastic-measure-", dir=workdir)

@@ -3,13 +3,17 @@
 Loading reads only safetensors (never pickle), accepts one file or an index of shards, and both
 the on-disk ``backbone.*`` layout (one tensor per expert) and transformers' in-memory ``model.*``
 layout (fused 3-D experts). Every tensor is checked for presence and shape against the config
-before it is placed; errors name the key. Writing produces NVIDIA's on-disk layout.
+before it is placed; errors name the key. Tensors must be floating point and finite
+(``allow_nonfinite`` warns instead). A directory that carries our manifest (every export of ours)
+is verified against it first. Writing produces NVIDIA's on-disk layout plus that manifest, and
+never replaces a directory that is not ours (:mod:`star_elastic_jax.outputs`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -20,15 +24,17 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from star_elastic_jax.checkpoint.atomic import replace_dir, staging_dir
 from star_elastic_jax.checkpoint.hf_keys import Entry, entries, to_inmemory_key
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
+from star_elastic_jax.manifest import HF_CONFIG_KEY, MANIFEST_NAME, has_manifest, verify_manifest
+from star_elastic_jax.outputs import check_output_dir, parse_size, replace_dir, seal, staging_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _IGNORED_PREFIXES = ("mtp.", "model.mtp.", "backbone.mtp.")
+MANIFEST_KIND = "hf"
 
 
 class SafetensorsReader:
@@ -111,20 +117,63 @@ def _expected_hf_shape(entry: Entry, shapes: list[tuple[int, ...]]) -> tuple[int
     return tuple(shape)
 
 
-def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool = False, **runtime: Any):
+def verify_hf_dir(path: str | os.PathLike, *, required: bool = False) -> bool:
+    """Check an HF directory against our manifest. Every export of ours has one and says so in
+    config.json (``star_elastic_manifest``), so removing it is an error; an HF checkpoint from
+    elsewhere has neither and is not verified. ``required``: a missing manifest is always an error.
+    Returns whether a manifest was verified."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError("checkpoint", path, "is not a directory (give an HF checkpoint directory)")
+    if not required and not has_manifest(path) and not _claims_manifest(path):
+        return False
+    verify_manifest(path)
+    return True
+
+
+def _claims_manifest(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return isinstance(data := json.load(f), dict) and data.get(HF_CONFIG_KEY) == MANIFEST_NAME
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False  # a missing/unreadable config.json is reported by ModelConfig.from_hf
+
+
+def check_tensor(key: str, tensor: np.ndarray, *, allow_nonfinite: bool = False, where: str = "") -> None:
+    """A loaded tensor must be floating point (float types convert) and finite (``allow_nonfinite``:
+    a warning instead): an int32 weight or a NaN is an error naming the key, not zeros or NaNs."""
+    if not np.issubdtype(tensor.dtype, np.floating):
+        raise CheckpointError(key, str(tensor.dtype), f"tensors must be floating point (float32, bfloat16, float16)"
+                                                      f"{' in ' + where if where else ''}")
+    bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+    if not bad:
+        return
+    msg = f"{bad} of {tensor.size} values are NaN or infinite"
+    if allow_nonfinite:
+        warnings.warn(f"{key}: {msg} (loaded anyway: allow_nonfinite)", stacklevel=3)
+        return
+    raise CheckpointError(key, "non-finite", f"{msg}{' in ' + where if where else ''}; pass --allow-nonfinite "
+                                             "(allow_nonfinite=True) to load it anyway")
+
+
+def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool = False, verify: bool = True,
+            allow_nonfinite: bool = False, **runtime: Any):
     """Load an HF NemotronH checkpoint directory into a :class:`~star_elastic_jax.NemotronH`.
 
     ``dtype`` is the parameter dtype (fp32 master weights by default; ``None`` keeps each tensor's
     stored dtype). ``e_score_correction_bias`` always loads as fp32. ``runtime`` overrides runtime
     config fields (``compute_dtype``, ``moe_impl``...). Peak host memory is about one copy of the
-    weights plus one tensor.
+    weights plus one tensor. ``verify``: check our manifest first when the directory has one.
+    Non-float tensors are an error; non-finite ones too unless ``allow_nonfinite``.
     """
+    if verify:
+        verify_hf_dir(path)
     cfg = ModelConfig.from_hf(path, **runtime)
     with SafetensorsReader(path) as reader:
-        return _load(cfg, reader, dtype, progress)
+        return _load(cfg, reader, dtype, progress, allow_nonfinite)
 
 
-def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: bool):
+def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: bool, allow_nonfinite: bool = False):
     from star_elastic_jax.model.model import NemotronH
 
     fused = any(k.startswith("model.") for k in reader.keys())
@@ -145,6 +194,7 @@ def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: boo
         want = _expected_hf_shape(entry, shapes)
         if tuple(tensor.shape) != want:
             raise CheckpointError(key, tuple(tensor.shape), f"expected shape {want} from config.json")
+        check_tensor(key, tensor, allow_nonfinite=allow_nonfinite, where=reader.path)
         for d in sorted(entry.km.hf_extra_dims, reverse=True):
             tensor = np.squeeze(tensor, axis=d)
         if len(entry.paths) > 1:
@@ -169,17 +219,6 @@ def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: boo
     for p, var in flat.items():
         var.set_value(loaded[p])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                       ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
 
 
 def hf_tensors(model, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
@@ -220,20 +259,23 @@ def _hf_tensors(cfg: ModelConfig, params, np_dtype) -> Iterable[tuple[str, np.nd
 
 
 def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_shard_size: int | str = "5GB",
-          progress: bool = False, extra_config: dict | None = None) -> str:
-    """Write ``model`` as an HF NemotronH checkpoint (config.json + safetensors shards + index).
+          progress: bool = False, extra_config: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``model`` as an HF NemotronH checkpoint (config.json + safetensors shards + index +
+    our sha256 manifest).
 
     The directory is written through a temporary sibling and renamed into place, so a crash never
-    leaves a half-written checkpoint under ``out_dir``. Returns ``out_dir``.
+    leaves a half-written checkpoint under ``out_dir``. An existing non-empty ``out_dir`` is an
+    :class:`OutputError` unless ``overwrite`` is set and it holds only a checkpoint of ours.
+    Returns ``out_dir``.
     """
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
     return params_to_hf(model.cfg, _LazyValues(flat), out_dir, dtype, max_shard_size=max_shard_size,
-                        progress=progress, extra_config=extra_config)
+                        progress=progress, extra_config=extra_config, overwrite=overwrite)
 
 
 def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: str = "bfloat16", *,
                  max_shard_size: int | str = "5GB", progress: bool = False, extra_config: dict | None = None,
-                 extra_files: dict[str, dict[str, np.ndarray]] | None = None) -> str:
+                 extra_files: dict[str, dict[str, np.ndarray]] | None = None, overwrite: bool = False) -> str:
     """:func:`to_hf` for a flat ``{nnx path: array}`` dict of a model of ``cfg`` (no model needed).
 
     ``extra_config`` entries are merged into config.json; ``extra_files`` (file name -> tensors) are
@@ -241,10 +283,8 @@ def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: st
     elastic router). Heterogeneous (``per_layer``) configs raise :class:`ConfigError` before
     anything is written.
     """
-    out_dir = os.fspath(out_dir)
-    limit = _parse_size(max_shard_size)
-    if limit <= 0:
-        raise CheckpointError("max_shard_size", max_shard_size, "must be a positive size such as '2GB'")
+    limit = parse_size(max_shard_size)
+    out_dir = check_output_dir(out_dir, overwrite=overwrite, field="out_dir")
     cfg_json = cfg.to_hf(torch_dtype=dtype)  # validates: raises ConfigError for heterogeneous configs
     tensors = hf_tensors_from_params(cfg, params, dtype)
     for name in extra_files or {}:
@@ -289,8 +329,10 @@ def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: st
                       metadata={"format": "pt"})
         if extra_config:
             cfg_json.update(extra_config)
+        cfg_json[HF_CONFIG_KEY] = MANIFEST_NAME
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg_json, f, indent=2)
+        seal(tmp, MANIFEST_KIND)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

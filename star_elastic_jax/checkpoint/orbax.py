@@ -2,14 +2,20 @@
 metadata as JSON beside them.
 
 Writes go to a temporary sibling directory that is renamed into place only once complete, so a
-process killed mid-save never leaves a readable-but-partial checkpoint. Reads restore against an
-explicit abstract target built from the stored config, so shapes and dtypes are verified.
+process killed mid-save never leaves a readable-but-partial checkpoint; the last file written is the
+sha256 manifest (:mod:`star_elastic_jax.manifest`). An existing output is replaced only with
+``overwrite=True`` and only when it is one of ours (:func:`star_elastic_jax.outputs.check_output_dir`).
+
+Reads verify the manifest before any array is used (``verify=False`` skips it), restore against an
+explicit abstract target built from the stored config (shapes checked), and refuse non-float or
+non-finite parameters (``allow_nonfinite=True`` turns the latter into a warning).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -17,14 +23,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from star_elastic_jax.checkpoint.atomic import publish_dir, shared_staging_dir
+from star_elastic_jax.checkpoint.atomic import barrier, publish_dir, shared_staging_dir
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
+from star_elastic_jax.manifest import verify_manifest
+from star_elastic_jax.outputs import check_output_dir, seal
 
 CONFIG_NAME = "model_config.json"
 METADATA_NAME = "metadata.json"
 STATE_DIR = "state"
 FORMAT = "star_elastic_jax.model/1"
+MANIFEST_KIND = "orbax-model"
 _RESERVED_NAMES = {STATE_DIR, CONFIG_NAME, METADATA_NAME}
 Path = tuple  # an nnx state path, e.g. ("layers", 3, "mixer", "in_proj_x")
 
@@ -35,34 +44,37 @@ def flat_params(model) -> dict[Path, Any]:
 
 
 def save_model(model, directory: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
-               extra_state: dict[str, Any] | None = None) -> str:
+               extra_state: dict[str, Any] | None = None, overwrite: bool = False) -> str:
     """Save ``model`` (an ``NemotronH``) to ``directory`` atomically. Returns the directory.
 
     ``extra_state`` (name -> pytree of arrays, e.g. ``{"router": ...}``) is saved beside the model
     state in ``directory/<name>``, inside the same atomic write; read it with :func:`load_extra_state`.
+    An existing non-empty ``directory`` is an :class:`OutputError` unless ``overwrite`` is set and it
+    holds only a checkpoint star_elastic_jax wrote.
     """
-    return _save(model.cfg, flat_params(model), directory, metadata, extra_state)
+    return _save(model.cfg, flat_params(model), directory, metadata, extra_state, overwrite)
 
 
 def save_params(cfg: ModelConfig, params: Mapping[Path, Any], directory: str | os.PathLike, *,
-                metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None) -> str:
+                metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None,
+                overwrite: bool = False) -> str:
     """Save a flat ``{nnx path: array}`` dict (jax or numpy arrays) as a model checkpoint of ``cfg``.
 
-    The leaves must be exactly those of ``NemotronH(cfg)`` with its shapes (checked before anything
-    is written; dtypes are kept as given). Same atomic layout as :func:`save_model`, so
-    :func:`load_model` / :func:`load_params` read it.
+    The leaves must be exactly those of ``NemotronH(cfg)`` with its shapes and float dtypes (checked
+    before anything is written; dtypes are kept as given). Same atomic layout and ``overwrite`` rule
+    as :func:`save_model`, so :func:`load_model` / :func:`load_params` read it.
     """
     check_params(cfg, params)
-    return _save(cfg, params, directory, metadata, extra_state)
+    return _save(cfg, params, directory, metadata, extra_state, overwrite)
 
 
-def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, extra_state) -> str:
+def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, extra_state, overwrite) -> str:
     extra_state = dict(extra_state or {})
     for name in extra_state:
         if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED_NAMES:
             raise CheckpointError("extra_state", name,
                                   f"names must be identifiers other than {sorted(_RESERVED_NAMES)}")
-    directory = os.path.abspath(os.fspath(directory))
+    directory = check_output_dir(directory, overwrite=overwrite, field="directory")
     tmp = shared_staging_dir(directory, ".tmp-ckpt-")
     main = jax.process_index() == 0
     try:
@@ -76,6 +88,9 @@ def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, ext
         if main:
             _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
             _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
+        barrier(f"written {directory}")  # every process's shards are in place before the digests
+        if main:
+            seal(tmp, MANIFEST_KIND)
         publish_dir(tmp, directory)
     except BaseException:
         if main:
@@ -112,40 +127,90 @@ def check_params(cfg: ModelConfig, params: Mapping[Path, Any], where: str = "par
     for p, a in want.items():
         if tuple(params[p].shape) != tuple(a.shape):
             raise CheckpointError(".".join(map(str, p)), tuple(params[p].shape), f"expected shape {tuple(a.shape)}")
+        check_float_dtype(".".join(map(str, p)), params[p].dtype)
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint written by :func:`save_model`."""
+def check_float_dtype(name: str, dtype: Any) -> None:
+    """Parameters are floating point: float types convert, anything else (an int32 weight) is an error."""
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        raise CheckpointError(name, str(np.dtype(dtype)), "parameters must be floating point (float32, bfloat16, "
+                                                          "float16)")
+
+
+def check_finite(name: str, array: Any, *, allow_nonfinite: bool = False, where: str = "") -> None:
+    """Refuse NaN/inf in a parameter (a warning instead with ``allow_nonfinite``). Counts on device."""
+    bad = int(jax.device_get(jax.numpy.size(array) - jax.numpy.isfinite(array).sum()))
+    if not bad:
+        return
+    msg = f"{bad} of {np.size(array)} values are NaN or infinite"
+    if allow_nonfinite:
+        warnings.warn(f"{where + ': ' if where else ''}{name}: {msg} (loaded anyway: allow_nonfinite)", stacklevel=3)
+        return
+    raise CheckpointError(name, "non-finite", f"{msg}{' in ' + where if where else ''}; pass --allow-nonfinite "
+                                              "(allow_nonfinite=True) to load it anyway")
+
+
+def read_config(directory: str | os.PathLike, *, verify: bool = True) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint written by :func:`save_model` (with ``verify``, its
+    model_config.json is first checked against the manifest)."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    _check_is_checkpoint(directory)
+    if verify:
+        verify_manifest(directory, only=[CONFIG_NAME])
     data = _read_json(path)
     if data.get("format") != FORMAT or "config" not in data:
         raise CheckpointError(CONFIG_NAME, data.get("format"), f"expected format {FORMAT!r} with a 'config' object")
     return ModelConfig.from_dict(data["config"])
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+def read_metadata(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The free-form metadata.json of a checkpoint (verified against the manifest with ``verify``)."""
+    _check_is_checkpoint(directory)
+    if verify:
+        verify_manifest(directory, only=[METADATA_NAME])
     return _read_json(os.path.join(os.fspath(directory), METADATA_NAME))
 
 
-def load_model(directory: str | os.PathLike, **runtime: Any):
+def _check_is_checkpoint(directory) -> None:
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError("checkpoint", directory, "is not a directory (give a star_elastic_jax Orbax checkpoint)")
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> None:
+    """Every file of the checkpoint against its sha256 manifest (:class:`CheckpointError` naming the
+    first bad file). Reads every byte once."""
+    _check_is_checkpoint(directory)
+    verify_manifest(directory)
+
+
+def load_model(directory: str | os.PathLike, *, verify: bool = True, allow_nonfinite: bool = False, **runtime: Any):
     """Restore a model saved by :func:`save_model`, keeping the stored dtypes (``runtime``
-    overrides runtime config fields such as ``compute_dtype``)."""
+    overrides runtime config fields such as ``compute_dtype``). ``verify`` / ``allow_nonfinite``:
+    as :func:`load_params`."""
     from star_elastic_jax.model.model import model_from_params
 
-    cfg, params = load_params(directory)
+    cfg, params = load_params(directory, verify=verify, allow_nonfinite=allow_nonfinite)
     if runtime:
         cfg = cfg.with_updates(**runtime)
     return model_from_params(cfg, params, where=os.fspath(directory))
 
 
-def load_params(directory: str | os.PathLike) -> tuple[ModelConfig, dict[Path, Any]]:
+def load_params(directory: str | os.PathLike, *, verify: bool = True, allow_nonfinite: bool = False
+                ) -> tuple[ModelConfig, dict[Path, Any]]:
     """Restore a checkpoint's arrays as a flat ``{nnx path: jax.Array}`` dict, *without building the
     model*: the target's shapes come from the stored config (verified), its dtypes are the stored
-    ones (a bf16 checkpoint stays bf16). Opens the checkpoint read-only. Returns ``(cfg, params)``."""
+    ones (a bf16 checkpoint stays bf16). Opens the checkpoint read-only. Returns ``(cfg, params)``.
+
+    ``verify``: check every file against the manifest first (:func:`verify_checkpoint`). Every
+    parameter must be floating point and finite (``allow_nonfinite``: warn instead)."""
     directory = os.path.abspath(os.fspath(directory))
+    _check_is_checkpoint(directory)
+    if verify:
+        verify_checkpoint(directory)
     if not os.path.isdir(os.path.join(directory, STATE_DIR)):
         raise CheckpointError("checkpoint", directory, f"not a star_elastic_jax checkpoint (no '{STATE_DIR}/')")
-    cfg = read_config(directory)
+    cfg = read_config(directory, verify=False)
     want = abstract_params(cfg)
     state_dir = os.path.join(directory, STATE_DIR)
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -161,29 +226,42 @@ def load_params(directory: str | os.PathLike) -> tuple[ModelConfig, dict[Path, A
                 if tuple(meta.shape) != tuple(a.shape):
                     raise CheckpointError(".".join(map(str, p)), tuple(meta.shape),
                                           f"expected shape {tuple(a.shape)} from {CONFIG_NAME}")
+                check_float_dtype(".".join(map(str, p)), meta.dtype)
                 target[p] = jax.ShapeDtypeStruct(a.shape, meta.dtype, sharding=one_device)
             restored = ckptr.restore(state_dir, nnx.traversals.unflatten_mapping(target))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError("checkpoint", directory, f"state does not match its model_config.json ({e})") from None
-    return cfg, {tuple(p): v for p, v in nnx.traversals.flatten_mapping(restored).items()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- TensorStore/Orbax raise many types for damaged files
+        raise CheckpointError("checkpoint", directory, f"its state could not be restored ({type(e).__name__}: "
+                                                       f"{_first_line(e)})") from None
+    params = {tuple(p): v for p, v in nnx.traversals.flatten_mapping(restored).items()}
+    for p, v in params.items():
+        check_finite(".".join(map(str, p)), v, allow_nonfinite=allow_nonfinite, where=directory)
+    return cfg, params
 
 
-def load_extra_state(directory: str | os.PathLike, name: str) -> Any | None:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def load_extra_state(directory: str | os.PathLike, name: str, *, verify: bool = True) -> Any | None:
     """The ``extra_state[name]`` pytree saved with the checkpoint (``None`` when absent). Restored
-    against a target built from the stored array metadata; dict keys come back as strings."""
+    against a target built from the stored array metadata; dict keys come back as strings.
+    ``verify``: check the checkpoint's manifest first (skip it when :func:`load_params` just did)."""
     path = os.path.join(os.path.abspath(os.fspath(directory)), name)
     if name in _RESERVED_NAMES or not os.path.isdir(path):
         return None
+    if verify:
+        verify_checkpoint(directory)
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         with ocp.StandardCheckpointer() as ckptr:
             meta = _tree_of(ckptr.metadata(path))
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one_device), meta)
             return ckptr.restore(path, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(name, path, f"could not be restored ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- as in load_params
+        raise CheckpointError(name, path, f"could not be restored ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _tree_of(step_metadata) -> Any:

@@ -56,6 +56,12 @@ def choice_for_budget(cfg: ModelConfig, fraction: float, choice_lists: Mapping[s
     return max(ties, key=lambda s: (s[1], -s[0]))[2]
 
 
+def smallest_active_fraction(cfg: ModelConfig, choice_lists: Mapping[str, Sequence[int]]) -> float:
+    """Active fraction of the smallest sub-model ``choice_lists`` allow (every axis at its smallest size)."""
+    choice = ElasticChoice(**{a: min(v) for a, v in choice_lists.items() if v})
+    return choice_param_count(cfg, choice).active / cfg.param_count().active
+
+
 def default_choice_lists(cfg: ModelConfig, fractions: Sequence[float] = (1.0, 0.75, 0.5)) -> dict[str, list[int]]:
     """Descending candidate sizes per axis: each fraction of the full size, rounded down to a valid
     size (multiple of the axis' groups; experts >= top-k). Used when a config has no explicit lists."""

@@ -6,8 +6,10 @@ in ``star_elastic_jax/elastic/hf_recipe.py``). Output: a standard ``nemotron_h``
 sub-model (sharded safetensors + index like the exporter's, config.json with the sliced fields),
 readable by transformers, vLLM, NVIDIA's remote code and ``star_elastic_jax.from_hf``.
 
-This file knows nothing about Nemotron-H: every cut comes from the recipe. It imports nothing from
-star_elastic_jax, so it runs where JAX is not installed::
+This file knows nothing about Nemotron-H: every cut comes from the recipe. Of star_elastic_jax it
+imports only the standard-library modules ``errors``, ``manifest`` and ``outputs`` (the output-path
+rules, the sha256 manifest and the atomic write shared with the JAX side), so it runs where JAX is
+not installed::
 
     python path/to/slice_hf.py --in ELASTIC_HF_DIR --budget NAME --out DIR
     python -m star_elastic_jax.export.slice_hf --in ELASTIC_HF_DIR --budget NAME --out DIR
@@ -20,20 +22,29 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import traceback
 from typing import Any, Iterator
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+if __package__ in (None, ""):  # run as a file: import the stdlib-only modules of the package beside it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from star_elastic_jax.errors import StarElasticError  # noqa: E402
+from star_elastic_jax.manifest import HF_CONFIG_KEY, MANIFEST_NAME, has_manifest, verify_manifest  # noqa: E402
+from star_elastic_jax.outputs import check_output_dir, parse_size, replace_dir, seal, staging_dir  # noqa: E402
 
 RECIPE_VERSION = 1
 ELASTIC_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-# Files of the source directory that are not copied: weights, the index, config.json (rewritten), router.
-_NOT_COPIED = (".safetensors", INDEX_NAME, CONFIG_NAME)
+# Files of the source directory that are not copied: weights, the index, config.json (rewritten),
+# router, and our manifest (the slice gets its own).
+_NOT_COPIED = (".safetensors", INDEX_NAME, CONFIG_NAME, MANIFEST_NAME)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class SliceError(ValueError):
@@ -89,10 +100,12 @@ class Reader:
                 raise SliceError(f"{index} needs a 'weight_map' object")
             self.key_to_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
-                self.key_to_file = {k: single for k in f.keys()}
+            self.key_to_file = {k: single for k in _open(single).keys()}
         else:
             raise SliceError(f"--in: {path} holds neither {SINGLE_NAME} nor {INDEX_NAME}")
+        for file in sorted(set(self.key_to_file.values())):
+            if not os.path.isfile(file):
+                raise SliceError(f"shard {os.path.basename(file)} listed in {INDEX_NAME} is missing")
         self._handles: dict[str, Any] = {}
 
     def get(self, key: str) -> torch.Tensor:
@@ -100,8 +113,30 @@ class Reader:
             raise SliceError(f"tensor {key!r} required by the recipe is missing from the checkpoint")
         file = self.key_to_file[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(key)
+            self._handles[file] = _open(file)
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own errors for damaged files
+            raise SliceError(f"tensor {key!r} of {os.path.basename(file)} could not be read ({e})") from None
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as e:  # noqa: BLE001 -- truncated or garbage safetensors files
+        raise SliceError(f"{file} is not a readable safetensors file ({e})") from None
+
+
+def check_tensor(key: str, t: torch.Tensor, allow_nonfinite: bool) -> None:
+    """Weights must be floating point and finite (``allow_nonfinite``: a warning instead)."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise SliceError(f"tensor {key!r} has dtype {t.dtype}; weights must be floating point")
+    bad = int(t.numel() - torch.isfinite(t).sum())
+    if bad:
+        msg = f"tensor {key!r} has {bad} NaN or infinite values"
+        if not allow_nonfinite:
+            raise SliceError(f"{msg}; pass --allow-nonfinite to slice it anyway")
+        print(f"warning: {msg} (kept: --allow-nonfinite)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- slicing
@@ -122,9 +157,13 @@ def slice_dim(t: torch.Tensor, dim: int, segments: list[dict[str, Any]], sizes: 
               what: str) -> torch.Tensor:
     """Cut dim ``dim`` of ``t``: split into the recipe's segments, keep each axis segment's grouped
     prefix (the first ``size / groups`` units of every group), concatenate."""
+    lengths = [int(s["length"]) for s in segments]
+    if sum(lengths) != t.shape[dim]:
+        raise SliceError(f"{what}: the recipe's segments of dim {dim} add up to {sum(lengths)} ({lengths}), but the "
+                         f"tensor has {t.shape[dim]}; the elastic block of config.json does not match the weights")
     if all(s["axis"] is None for s in segments):
         return t
-    parts = torch.split(t, [int(s["length"]) for s in segments], dim=dim)
+    parts = torch.split(t, lengths, dim=dim)
     out = []
     for seg, part in zip(segments, parts):
         if seg["axis"] is None:
@@ -146,7 +185,8 @@ def slice_dim(t: torch.Tensor, dim: int, segments: list[dict[str, Any]], sizes: 
     return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
 
 
-def sliced_tensors(in_dir: str, budget: str) -> Iterator[tuple[str, torch.Tensor]]:
+def sliced_tensors(in_dir: str, budget: str, *, allow_nonfinite: bool = False
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` of the sliced checkpoint in on-disk order, one tensor at a time."""
     cfg = read_config(in_dir)
     block = elastic_block(cfg)
@@ -180,6 +220,7 @@ def sliced_tensors(in_dir: str, budget: str) -> Iterator[tuple[str, torch.Tensor
             used.add(src_key)
             if list(t.shape) != list(spec["shape"]):
                 raise SliceError(f"{src_key}: shape {list(t.shape)} differs from the recipe's {spec['shape']}")
+            check_tensor(src_key, t, allow_nonfinite)
             for d, segments in enumerate(spec["dims"]):
                 t = slice_dim(t, d, segments, sizes, src_key)
             new_layer = None if layer is None else renumber[layer]
@@ -214,38 +255,28 @@ def sliced_config(cfg: dict[str, Any], budget: str) -> dict[str, Any]:
     out["num_hidden_layers"] = len(out["hybrid_override_pattern"])
     out["elastic"] = {"format_version": ELASTIC_VERSION, "sliced": True, "budget": budget,
                       "choice": entry.get("choice")}
+    out[HF_CONFIG_KEY] = MANIFEST_NAME
     return out
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                       ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
-
-
 def slice_hf(in_dir: str | os.PathLike, budget: str, out_dir: str | os.PathLike, *,
-             max_shard_size: int | str = "5GB") -> str:
+             max_shard_size: int | str = "5GB", overwrite: bool = False, verify: bool = True,
+             allow_nonfinite: bool = False) -> str:
     """Write budget ``budget`` of the elastic export ``in_dir`` to ``out_dir`` (atomically: through a
-    temporary sibling renamed into place). ``in_dir`` is only read. Returns ``out_dir``."""
-    in_dir, out_dir = os.path.abspath(os.fspath(in_dir)), os.path.abspath(os.fspath(out_dir))
-    if out_dir == in_dir or out_dir.startswith(in_dir + os.sep) or in_dir.startswith(out_dir + os.sep):
-        raise SliceError(f"--out={out_dir} must not overlap --in={in_dir}")
-    try:
-        limit = parse_size(max_shard_size)
-    except ValueError:
-        limit = 0
-    if limit <= 0:
-        raise SliceError(f"--max-shard-size={max_shard_size!r} must be a positive size such as '2GB'")
+    temporary sibling renamed into place). ``in_dir`` is only read, and first verified against its
+    manifest (``verify=False`` skips that). ``out_dir`` must not overlap ``in_dir``; an existing one is
+    replaced only with ``overwrite`` and only if it is a checkpoint of ours. Returns ``out_dir``."""
+    in_dir = os.path.abspath(os.fspath(in_dir))
+    out_dir = check_output_dir(out_dir, inputs=[in_dir], overwrite=overwrite, field="--out")
+    limit = parse_size(max_shard_size, "--max-shard-size")
     new_cfg = sliced_config(read_config(in_dir), budget)  # validates before anything is written
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-slice-", dir=parent)
+    if verify:
+        if not has_manifest(in_dir):
+            raise SliceError(f"--in: {in_dir} has no star_elastic_manifest.json, which every elastic export "
+                             "carries; it is incomplete or was altered (pass --no-verify to slice it anyway)")
+        verify_manifest(in_dir)
+    tmp = staging_dir(out_dir, ".tmp-slice-")
     try:
         files: list[str] = []
         weight_map: dict[str, int] = {}
@@ -258,7 +289,7 @@ def slice_hf(in_dir: str | os.PathLike, budget: str, out_dir: str | os.PathLike,
             files.append(f"shard-{len(files):05d}.safetensors")
             current, size = {}, 0
 
-        for key, t in sliced_tensors(in_dir, budget):
+        for key, t in sliced_tensors(in_dir, budget, allow_nonfinite=allow_nonfinite):
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > limit:
                 flush()
@@ -281,16 +312,11 @@ def slice_hf(in_dir: str | os.PathLike, budget: str, out_dir: str | os.PathLike,
             json.dump(new_cfg, f, indent=2)
         for name in sorted(os.listdir(in_dir)):  # tokenizer, generation config...
             src = os.path.join(in_dir, name)
-            if os.path.isfile(src) and not name.endswith(_NOT_COPIED) and not name.startswith("."):
+            if os.path.isfile(src) and not os.path.islink(src) and not name.endswith(_NOT_COPIED) \
+                    and not name.startswith("."):
                 shutil.copy2(src, os.path.join(tmp, name))
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-slice-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        seal(tmp, "hf")
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,25 +333,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="directory to write the sliced checkpoint to")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--list", action="store_true", help="list the budgets of --in and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, only if it is a checkpoint star_elastic_jax wrote")
+    p.add_argument("--no-verify", action="store_true", help="skip checking --in against its sha256 manifest")
+    p.add_argument("--allow-nonfinite", action="store_true", help="slice weights holding NaN/inf (with a warning)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.list:
-            block = elastic_block(read_config(args.in_dir))
-            for name, entry in block["budgets"].items():
-                flag = "" if entry.get("hf_exportable") else "  (heterogeneous: not HF-exportable)"
-                print(f"{name}: {entry.get('choice')}  total {entry.get('total_params'):,}  "
-                      f"active {entry.get('active_params'):,}{flag}")
-            return 0
-        if not args.budget or not args.out:
-            raise SliceError("--budget NAME and --out DIR are required (or --list)")
-        out = slice_hf(args.in_dir, args.budget, args.out, max_shard_size=args.max_shard_size)
-    except SliceError as e:
+        return _run(args)
+    except (SliceError, StarElasticError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list:
+        block = elastic_block(read_config(args.in_dir))
+        for name, entry in block["budgets"].items():
+            flag = "" if entry.get("hf_exportable") else "  (heterogeneous: not HF-exportable)"
+            print(f"{name}: {entry.get('choice')}  total {entry.get('total_params'):,}  "
+                  f"active {entry.get('active_params'):,}{flag}")
+        return 0
+    if not args.budget or not args.out:
+        raise SliceError("--budget NAME and --out DIR are required (or --list)")
+    out = slice_hf(args.in_dir, args.budget, args.out, max_shard_size=args.max_shard_size,
+                   overwrite=args.overwrite, verify=not args.no_verify, allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {out} (budget {args.budget})")
     return 0
 

@@ -81,12 +81,14 @@ class PhaseRunner:
 
     def __init__(self, cfg: TrainConfig, phase: str, ts: TrainStep, stages: Sequence[StageConfig], workdir: str, *,
                  datasets: Sequence[Any], evals: list[dict], writer: MetricsWriter, teacher: Any = None,
-                 progress: bool = True):
+                 progress: bool = True, verify: bool = True):
         self.cfg, self.phase, self.ts, self.stages = cfg, phase, ts, tuple(stages)
         self.datasets, self.eval_set, self.writer, self.teacher = list(datasets), evals, writer, teacher
         self.progress_enabled = progress and is_main()
         c = cfg.checkpoint
-        self.ckpt = TrainCheckpointer(os.path.join(workdir, CKPT_DIR, phase), keep=c.keep, async_save=c.async_save)
+        self.verify = verify
+        self.ckpt = TrainCheckpointer(os.path.join(workdir, CKPT_DIR, phase), keep=c.keep, async_save=c.async_save,
+                                      phase=phase)
         self.total = sum(s.steps for s in self.stages)
         self.kd = phase == "kd"
         self.full_active = cfg.model.param_count().active
@@ -101,19 +103,26 @@ class PhaseRunner:
 
     # ------------------------------------------------------------------------------------------ state
     def restore_or_init(self, init: Callable[[], Any]) -> tuple[Any, Any, int, int]:
-        """``(state, data iterator or None, its stage, step)`` from the latest complete checkpoint, else
-        ``init()`` at step 0."""
-        step = self.ckpt.latest_step()
-        if step is None:
-            return init(), None, -1, 0
-        meta = self.ckpt.read_meta(step)
-        si = int(meta.get("stage", -1))
-        it = iter(self.datasets[si]) if si >= 0 else None
-        state, _ = self.ckpt.restore(self.ts.abstract_state(), it, step)
-        if int(state["step"]) != step:
-            raise CheckpointError("checkpoint", step, f"holds state step {int(state['step'])}")
-        self.writer.truncate_after(step)  # steps after the checkpoint are re-run (and re-logged)
-        return state, it, si, step
+        """``(state, data iterator or None, its stage, step)`` from the newest intact checkpoint, else
+        ``init()`` at step 0. A step that fails its manifest or its restore is moved aside with a
+        warning and the next older one is tried."""
+        while True:
+            step = self.ckpt.latest_verified_step(verify=self.verify)
+            if step is None:
+                self.writer.truncate_after(-1)  # nothing survived: the run restarts, and re-logs, from step 0
+                return init(), None, -1, 0
+            try:
+                meta = self.ckpt.read_meta(step)
+                si = int(meta.get("stage", -1))
+                it = iter(self.datasets[si]) if si >= 0 else None
+                state, _ = self.ckpt.restore(self.ts.abstract_state(), it, step)
+                if int(state["step"]) != step:
+                    raise CheckpointError("checkpoint", step, f"holds state step {int(state['step'])}")
+            except CheckpointError as e:
+                self.ckpt.quarantine(step, e)
+                continue
+            self.writer.truncate_after(step)  # steps after the checkpoint are re-run (and re-logged)
+            return state, it, si, step
 
     # ------------------------------------------------------------------------------------------ loop
     def run(self, state, it, cur: int, start: int, *, until: int | None = None) -> PhaseResult:
@@ -148,6 +157,11 @@ class PhaseRunner:
                     pending = []
                     evals += self.evaluate(state, done, bar)
                 if done % cfg.checkpoint.every == 0 or done == stop:
+                    # every row up to `done` reaches the disk before checkpoint `done` can commit,
+                    # so a kill at any point after the commit loses no row that the resume keeps
+                    self._flush(pending, bar)
+                    pending = []
+                    self.writer.flush()
                     self.ckpt.save(done, state, it, self._meta(cur, done))
         finally:
             bar.close()

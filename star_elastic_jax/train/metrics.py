@@ -60,12 +60,16 @@ class MetricsWriter:
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._f = open(self.path, "a", encoding="utf-8")
 
     def flush(self) -> None:
+        """Everything written so far reaches the disk (called before each checkpoint save starts)."""
         if self._f is not None:
             self._f.flush()
+            os.fsync(self._f.fileno())
         if self._tb is not None:
             self._tb.flush()
 

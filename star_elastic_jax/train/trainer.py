@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from star_elastic_jax.checkpoint.orbax import flat_params
-from star_elastic_jax.errors import CheckpointError
+from star_elastic_jax.errors import CheckpointError, ConfigError, OutputError
 from star_elastic_jax.train import sharding as sh
 from star_elastic_jax.train.config import StageConfig, TrainConfig
 from star_elastic_jax.train.loop import (
@@ -40,6 +40,7 @@ from star_elastic_jax.train.loop import (
     stage_dataset,
 )
 from star_elastic_jax.train.metrics import MetricsWriter, budget_name, read_jsonl
+from star_elastic_jax.train.run_config import check_and_store
 from star_elastic_jax.train.step import TrainStep
 
 PARENT_DIR, ELASTIC_DIR = "parent", "elastic"
@@ -79,7 +80,8 @@ def init_model(cfg: TrainConfig, mesh):
     return nnx.merge(graphdef, state)
 
 
-def pretrain_parent(cfg: TrainConfig, workdir: str, mesh, *, datasets=None, progress: bool = True):
+def pretrain_parent(cfg: TrainConfig, workdir: str, mesh, *, datasets=None, progress: bool = True,
+                    verify: bool = True):
     """CE pre-training from scratch (resumable). Returns the trained (unpermuted) model."""
     stages = pretrain_stages(cfg)
     datasets = datasets or [stage_dataset(cfg, stages[0], data_seed(cfg, "pretrain", 0))]
@@ -87,7 +89,7 @@ def pretrain_parent(cfg: TrainConfig, workdir: str, mesh, *, datasets=None, prog
     ts = TrainStep("ce", cfg.model, cfg.pretrain.optim, stages[0].steps, mesh, fast_compile=cfg.fast_compile)
     writer = _writer(workdir, "pretrain_metrics", cfg)
     runner = PhaseRunner(cfg, "pretrain", ts, stages, workdir, datasets=datasets, evals=evals, writer=writer,
-                         progress=progress)
+                         progress=progress, verify=verify)
     try:
         state, it, cur, start = runner.restore_or_init(
             lambda: ts.init_state(init_model(cfg, mesh), seed=cfg.seed))
@@ -135,29 +137,30 @@ def host_params(model) -> dict:
             if isinstance(v, jax.Array) and not v.is_fully_addressable else v for k, v in params.items()}
 
 
-def prepare_parent(cfg: TrainConfig, workdir: str, mesh, *, progress: bool = True):
-    """The permuted parent: DIR/parent if present, else from ``pretrain.parent`` or CE pre-training."""
+def prepare_parent(cfg: TrainConfig, workdir: str, mesh, *, progress: bool = True, verify: bool = True):
+    """The permuted parent: DIR/parent if present, else from ``pretrain.parent`` or CE pre-training.
+    Every checkpoint read is verified against its manifest unless ``verify=False``."""
     from star_elastic_jax.checkpoint.orbax import load_model, read_config, save_model
 
     path = os.path.join(workdir, PARENT_DIR)
     runtime = _runtime(cfg.model)
     if os.path.isdir(path):
-        if read_config(path).with_updates(**runtime) != cfg.model:
+        if read_config(path, verify=verify).with_updates(**runtime) != cfg.model:
             raise CheckpointError("parent", path, "was trained with another model config than this run's")
-        return load_model(path, **runtime)
+        return load_model(path, verify=verify, **runtime)
     p = cfg.pretrain
     if p.parent is not None:
-        model = load_model(p.parent, **runtime)
+        model = load_model(p.parent, verify=verify, **runtime)
         if model.cfg != cfg.model:
             raise CheckpointError("pretrain.parent", p.parent, "has another model config than the run's model")
         source = os.path.abspath(p.parent)
     else:
-        model = pretrain_parent(cfg, workdir, mesh, progress=progress)
+        model = pretrain_parent(cfg, workdir, mesh, progress=progress, verify=verify)
         source = "ce-pretrain"
     if not (p.parent is not None and p.ranked):
         model = rank_parent(cfg, model, progress=progress)
     save_model(model, path, metadata={"source": source, "ranked": True})
-    return load_model(path, **runtime)
+    return load_model(path, verify=False, **runtime)  # just written by this process
 
 
 def _runtime(model_cfg) -> dict:
@@ -167,7 +170,7 @@ def _runtime(model_cfg) -> dict:
 
 
 def elastic_kd(cfg: TrainConfig, workdir: str, parent, mesh, *, until: int | None = None, progress: bool = True,
-               datasets=None, evals=None) -> PhaseResult:
+               datasets=None, evals=None, verify: bool = True) -> PhaseResult:
     """Elastic distillation from the frozen ``parent`` (resumable; ``until`` stops after that many steps)."""
     from star_elastic_jax.elastic.router import BudgetRouter
 
@@ -178,7 +181,7 @@ def elastic_kd(cfg: TrainConfig, workdir: str, parent, mesh, *, until: int | Non
     writer = _writer(workdir, "metrics", cfg)
     teacher = ts.teacher_from(parent)
     runner = PhaseRunner(cfg, "kd", ts, cfg.stages, workdir, datasets=datasets, evals=evals, writer=writer,
-                         teacher=teacher, progress=progress)
+                         teacher=teacher, progress=progress, verify=verify)
     try:
         state, it, cur, start = runner.restore_or_init(
             lambda: ts.init_state(parent, BudgetRouter(cfg.model, cfg.router, rngs=nnx.Rngs(cfg.seed + 1)),
@@ -199,7 +202,8 @@ def save_final(cfg: TrainConfig, workdir: str, ts: TrainStep, state) -> tuple[st
     budgets = {budget_name(b): router.choice(b) for b in cfg.router.budgets}
     router_state = jax.tree.map(np.asarray, nnx.state(router, nnx.Param).to_pure_dict())
     path = save_elastic(model, os.path.join(workdir, ELASTIC_DIR), budgets,
-                        choice_lists={a: list(s) for a, s in cfg.router.choice_lists}, router_state=router_state)
+                        choice_lists={a: list(s) for a, s in cfg.router.choice_lists}, router_state=router_state,
+                        overwrite=True)  # a rerun of a finished run rewrites its own output
     return path, budgets
 
 
@@ -228,19 +232,39 @@ def format_eval_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_config(cfg: TrainConfig, workdir: str) -> None:
-    if not is_main():
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+def check_workdir(workdir: str, until: int | None) -> str:
+    """The run directory (created with its parents when missing) and ``--stop-after``, checked before
+    anything is built; removes the marked staging directories a killed run left behind."""
+    from star_elastic_jax.outputs import check_output_dir, cleanup_staging
+
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
+        raise ConfigError("--stop-after", until, "a positive number of elastic KD steps")
+    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise OutputError("--workdir", workdir, "exists and is not a directory; give a directory for the run")
+    parent = os.path.dirname(workdir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError("--workdir", workdir, f"cannot be created: {parent} is not a directory")
+    if os.path.isdir(workdir):
+        # the final output is replaced on a rerun, so it must be ours: refuse now, not after training
+        check_output_dir(os.path.join(workdir, ELASTIC_DIR), overwrite=True, field="--workdir")
+    if is_main():
+        os.makedirs(workdir, exist_ok=True)
+        for leftover in cleanup_staging(workdir):
+            print(f"removed the staging directory of an interrupted write: {leftover}", flush=True)
+    return workdir
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike, *, until: int | None = None, progress: bool | None = None,
-          devices=None) -> TrainResult:
+          devices=None, verify: bool = True, allow_config_change: bool = False) -> TrainResult:
     """The whole pipeline (see the module docstring). ``until``: stop elastic KD after that many steps
-    (resume by calling again)."""
-    workdir = os.path.abspath(os.fspath(workdir))
+    (resume by calling again). A resume with a config that differs from the stored
+    ``train_config.json`` in a field that changes the run is a :class:`ConfigError` unless
+    ``allow_config_change`` (:mod:`train.run_config`). ``verify``: check every checkpoint read
+    against its manifest (a damaged training checkpoint is skipped for the newest intact one)."""
+    workdir = check_workdir(workdir, until)
     progress = cfg.log.progress if progress is None else progress
     t0 = time.perf_counter()
     mesh = build_mesh(cfg, devices)           # config + mesh checks
@@ -248,9 +272,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, until: int | None = N
     evals = eval_batches(cfg, cfg.stages[0].seq_len)
     if cfg.pretrain.parent is None and not os.path.isdir(os.path.join(workdir, PARENT_DIR)):
         stage_dataset(cfg, pretrain_stages(cfg)[0], data_seed(cfg, "pretrain", 0))
-    write_config(cfg, workdir)
-    parent = prepare_parent(cfg, workdir, mesh, progress=progress)
-    kd = elastic_kd(cfg, workdir, parent, mesh, until=until, progress=progress, datasets=kd_sets, evals=evals)
+    check_and_store(cfg, workdir, allow_change=allow_config_change, write=is_main())
+    parent = prepare_parent(cfg, workdir, mesh, progress=progress, verify=verify)
+    kd = elastic_kd(cfg, workdir, parent, mesh, until=until, progress=progress, datasets=kd_sets, evals=evals,
+                    verify=verify)
     elastic_dir, budgets = None, {}
     if kd.finished:
         elastic_dir, budgets = save_final(cfg, workdir, kd.ts, kd.state)
