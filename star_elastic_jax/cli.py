@@ -228,6 +228,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from star_elastic_jax.demo import run_demo
 
+    if args.workdir is not None:
+        from star_elastic_jax.outputs import check_output_dir
+
+        if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+            raise StarElasticError("--workdir", args.workdir, "exists and is not a directory")
+        os.makedirs(args.workdir, exist_ok=True)
+        check_output_dir(os.path.join(args.workdir, "tiny-hf"), overwrite=True, field="--workdir")  # before any work
+
     return run_demo(workdir=args.workdir or tempfile.mkdtemp(prefix="star-elastic-demo-"), seed=args.seed)
 
 

@@ -36,6 +36,14 @@ _UNSUPPORTED = {
     "use_bias": False, "mlp_bias": False, "attention_bias": False, "mamba_proj_bias": False,
     "moe_latent_size": None, "tie_word_embeddings": False, "residual_in_fp32": False,
 }
+# config.json fields without which the model's shapes are unknown (a default would silently build
+# another model): always, and per block kind of the pattern. Names after _HF_ALIASES.
+_HF_REQUIRED = {"": ("vocab_size", "hidden_size"),
+                "M": ("mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size"),
+                "*": ("num_attention_heads", "num_key_value_heads", "head_dim"),
+                "E": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "moe_shared_expert_intermediate_size"),
+                "-": ("intermediate_size",)}
 _RUNTIME_FIELDS = ("compute_dtype", "dt_clamp_min", "ssd_impl", "moe_impl")
 # Kernel implementations the dispatchers (kernels/ssd/dispatch.py, kernels/moe/reference.py) accept.
 # "auto": the Pallas kernel on GPU/TPU, the pure-JAX reference on CPU. MoE "reference" is the pure-JAX
@@ -279,6 +287,14 @@ class ModelConfig:
             raise ConfigError("model_type", raw.get("model_type"), "must be 'nemotron_h'", context=where)
         data = {_HF_ALIASES.get(k, k): v for k, v in raw.items()}
         pattern = _pattern_from_hf(data, where)
+        for kind, fields in _HF_REQUIRED.items():
+            if kind and kind not in pattern:
+                continue
+            for name in fields:
+                if data.get(name) is None:
+                    need = "the model" if not kind else f"the pattern's {BLOCK_NAMES[kind]} blocks"
+                    raise ConfigError(name, "missing", f"config.json must give it: {need} cannot be built without it",
+                                      context=where)
         for key, supported in _UNSUPPORTED.items():
             if key in data and data[key] not in (supported, None if supported is None else supported):
                 raise ConfigError(key, data[key], f"only {supported!r} is supported by star_elastic_jax",

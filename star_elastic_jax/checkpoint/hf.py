@@ -142,7 +142,7 @@ def _claims_manifest(path: str) -> bool:
 def check_tensor(key: str, tensor: np.ndarray, *, allow_nonfinite: bool = False, where: str = "") -> None:
     """A loaded tensor must be floating point (float types convert) and finite (``allow_nonfinite``:
     a warning instead): an int32 weight or a NaN is an error naming the key, not zeros or NaNs."""
-    if not np.issubdtype(tensor.dtype, np.floating):
+    if not jnp.issubdtype(tensor.dtype, jnp.floating):  # knows bfloat16 (numpy does not)
         raise CheckpointError(key, str(tensor.dtype), f"tensors must be floating point (float32, bfloat16, float16)"
                                                       f"{' in ' + where if where else ''}")
     bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))

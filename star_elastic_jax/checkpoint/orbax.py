@@ -132,7 +132,7 @@ def check_params(cfg: ModelConfig, params: Mapping[Path, Any], where: str = "par
 
 def check_float_dtype(name: str, dtype: Any) -> None:
     """Parameters are floating point: float types convert, anything else (an int32 weight) is an error."""
-    if not np.issubdtype(np.dtype(dtype), np.floating):
+    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # knows bfloat16 (numpy does not)
         raise CheckpointError(name, str(np.dtype(dtype)), "parameters must be floating point (float32, bfloat16, "
                                                           "float16)")
 

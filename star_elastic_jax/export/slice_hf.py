@@ -9,7 +9,7 @@ readable by transformers, vLLM, NVIDIA's remote code and ``star_elastic_jax.from
 This file knows nothing about Nemotron-H: every cut comes from the recipe. Of star_elastic_jax it
 imports only the standard-library modules ``errors``, ``manifest`` and ``outputs`` (the output-path
 rules, the sha256 manifest and the atomic write shared with the JAX side), so it runs where JAX is
-not installed::
+not installed (a checkout, or ``pip install --no-deps star-elastic-jax`` beside torch)::
 
     python path/to/slice_hf.py --in ELASTIC_HF_DIR --budget NAME --out DIR
     python -m star_elastic_jax.export.slice_hf --in ELASTIC_HF_DIR --budget NAME --out DIR

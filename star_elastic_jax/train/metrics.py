@@ -56,7 +56,7 @@ class MetricsWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         self._f.close()
-        kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= step]
+        kept = [r for r in read_jsonl(self.path, torn_tail_ok=True) if int(r.get("step", 0)) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -82,9 +82,20 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str, *, torn_tail_ok: bool = False) -> list[dict]:
+    """The records of a JSON-lines file. ``torn_tail_ok``: a malformed *last* line (the half-written
+    row of a killed process, after its last committed checkpoint) is dropped instead of raising."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if torn_tail_ok and i == len(lines) - 1:
+                break
+            raise
+    return out
 
 
 class Progress:

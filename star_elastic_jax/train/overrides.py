@@ -36,10 +36,17 @@ def load_config_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "a Python config file with get_config() (e.g. configs/tiny.py)")
+    if not path.endswith(".py"):
+        raise ConfigError("--config", path, "a Python config file (*.py) with get_config() (e.g. configs/tiny.py)")
     spec = importlib.util.spec_from_file_location(f"_star_elastic_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError("--config", path, "a Python config file with get_config() (e.g. configs/tiny.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if not hasattr(module, "get_config"):
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 -- the user's file: name it and its error in one line
+        raise ConfigError("--config", path, f"the file failed to run ({type(e).__name__}: {e})") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError("--config", path, "the file must define get_config()")
     return module.get_config()
 
