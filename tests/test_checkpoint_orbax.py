@@ -49,7 +49,7 @@ def test_failed_save_keeps_previous_checkpoint(tiny_model, tmp_path, monkeypatch
 
     monkeypatch.setattr(ckpt, "_write_json", boom)
     with pytest.raises(RuntimeError):
-        ckpt.save_model(tiny_model, d, metadata={"version": 2})
+        ckpt.save_model(tiny_model, d, metadata={"version": 2}, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ck"]
     assert ckpt.read_metadata(d) == {"version": 1}

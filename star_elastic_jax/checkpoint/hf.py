@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from star_elastic_jax.checkpoint.hf_keys import Entry, entries, to_inmemory_key
+from star_elastic_jax.checkpoint.tensor_checks import check_tensor
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
 from star_elastic_jax.manifest import HF_CONFIG_KEY, MANIFEST_NAME, has_manifest, verify_manifest
@@ -137,23 +137,6 @@ def _claims_manifest(path: str) -> bool:
             return isinstance(data := json.load(f), dict) and data.get(HF_CONFIG_KEY) == MANIFEST_NAME
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False  # a missing/unreadable config.json is reported by ModelConfig.from_hf
-
-
-def check_tensor(key: str, tensor: np.ndarray, *, allow_nonfinite: bool = False, where: str = "") -> None:
-    """A loaded tensor must be floating point (float types convert) and finite (``allow_nonfinite``:
-    a warning instead): an int32 weight or a NaN is an error naming the key, not zeros or NaNs."""
-    if not jnp.issubdtype(tensor.dtype, jnp.floating):  # knows bfloat16 (numpy does not)
-        raise CheckpointError(key, str(tensor.dtype), f"tensors must be floating point (float32, bfloat16, float16)"
-                                                      f"{' in ' + where if where else ''}")
-    bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
-    if not bad:
-        return
-    msg = f"{bad} of {tensor.size} values are NaN or infinite"
-    if allow_nonfinite:
-        warnings.warn(f"{key}: {msg} (loaded anyway: allow_nonfinite)", stacklevel=3)
-        return
-    raise CheckpointError(key, "non-finite", f"{msg}{' in ' + where if where else ''}; pass --allow-nonfinite "
-                                             "(allow_nonfinite=True) to load it anyway")
 
 
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool = False, verify: bool = True,

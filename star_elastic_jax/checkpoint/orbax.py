@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from typing import Any, Mapping
 
 import jax
@@ -24,9 +23,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from star_elastic_jax.checkpoint.atomic import barrier, publish_dir, shared_staging_dir
+from star_elastic_jax.checkpoint.tensor_checks import check_finite, check_float_dtype
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import CheckpointError
-from star_elastic_jax.manifest import verify_manifest
+from star_elastic_jax.manifest import MANIFEST_NAME, verify_manifest
 from star_elastic_jax.outputs import check_output_dir, seal
 
 CONFIG_NAME = "model_config.json"
@@ -130,26 +130,6 @@ def check_params(cfg: ModelConfig, params: Mapping[Path, Any], where: str = "par
         check_float_dtype(".".join(map(str, p)), params[p].dtype)
 
 
-def check_float_dtype(name: str, dtype: Any) -> None:
-    """Parameters are floating point: float types convert, anything else (an int32 weight) is an error."""
-    if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # knows bfloat16 (numpy does not)
-        raise CheckpointError(name, str(np.dtype(dtype)), "parameters must be floating point (float32, bfloat16, "
-                                                          "float16)")
-
-
-def check_finite(name: str, array: Any, *, allow_nonfinite: bool = False, where: str = "") -> None:
-    """Refuse NaN/inf in a parameter (a warning instead with ``allow_nonfinite``). Counts on device."""
-    bad = int(jax.device_get(jax.numpy.size(array) - jax.numpy.isfinite(array).sum()))
-    if not bad:
-        return
-    msg = f"{bad} of {np.size(array)} values are NaN or infinite"
-    if allow_nonfinite:
-        warnings.warn(f"{where + ': ' if where else ''}{name}: {msg} (loaded anyway: allow_nonfinite)", stacklevel=3)
-        return
-    raise CheckpointError(name, "non-finite", f"{msg}{' in ' + where if where else ''}; pass --allow-nonfinite "
-                                              "(allow_nonfinite=True) to load it anyway")
-
-
 def read_config(directory: str | os.PathLike, *, verify: bool = True) -> ModelConfig:
     """The ModelConfig stored in a checkpoint written by :func:`save_model` (with ``verify``, its
     model_config.json is first checked against the manifest)."""
@@ -175,6 +155,10 @@ def _check_is_checkpoint(directory) -> None:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError("checkpoint", directory, "is not a directory (give a star_elastic_jax Orbax checkpoint)")
+    if not any(os.path.exists(os.path.join(directory, n)) for n in (CONFIG_NAME, MANIFEST_NAME)):
+        hint = " (it looks like an HF checkpoint: use --from-hf / from_hf)" if os.path.isfile(
+            os.path.join(directory, "config.json")) else ""
+        raise CheckpointError(CONFIG_NAME, directory, f"is missing: not a star_elastic_jax Orbax checkpoint{hint}")
 
 
 def verify_checkpoint(directory: str | os.PathLike) -> None:

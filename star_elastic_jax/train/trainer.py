@@ -18,7 +18,6 @@ DIR/metrics.jsonl (elastic KD: one line per micro-batch with step, stage, budget
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -233,9 +232,9 @@ def format_eval_table(rows: list[dict]) -> str:
 
 
 def check_workdir(workdir: str, until: int | None) -> str:
-    """The run directory (created with its parents when missing) and ``--stop-after``, checked before
-    anything is built; removes the marked staging directories a killed run left behind."""
-    from star_elastic_jax.outputs import check_output_dir, cleanup_staging
+    """The run directory (it may be missing: created, with its parents, once the config is valid) and
+    ``--stop-after``, checked before anything is built. Returns the absolute workdir."""
+    from star_elastic_jax.outputs import check_output_dir
 
     if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
         raise ConfigError("--stop-after", until, "a positive number of elastic KD steps")
@@ -250,11 +249,17 @@ def check_workdir(workdir: str, until: int | None) -> str:
     if os.path.isdir(workdir):
         # the final output is replaced on a rerun, so it must be ours: refuse now, not after training
         check_output_dir(os.path.join(workdir, ELASTIC_DIR), overwrite=True, field="--workdir")
+    return workdir
+
+
+def open_workdir(workdir: str) -> None:
+    """Create the run directory and remove the marked staging directories a killed run left there."""
+    from star_elastic_jax.outputs import cleanup_staging
+
     if is_main():
         os.makedirs(workdir, exist_ok=True)
         for leftover in cleanup_staging(workdir):
             print(f"removed the staging directory of an interrupted write: {leftover}", flush=True)
-    return workdir
 
 
 def train(cfg: TrainConfig, workdir: str | os.PathLike, *, until: int | None = None, progress: bool | None = None,
@@ -272,6 +277,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike, *, until: int | None = N
     evals = eval_batches(cfg, cfg.stages[0].seq_len)
     if cfg.pretrain.parent is None and not os.path.isdir(os.path.join(workdir, PARENT_DIR)):
         stage_dataset(cfg, pretrain_stages(cfg)[0], data_seed(cfg, "pretrain", 0))
+    open_workdir(workdir)
     check_and_store(cfg, workdir, allow_change=allow_config_change, write=is_main())
     parent = prepare_parent(cfg, workdir, mesh, progress=progress, verify=verify)
     kd = elastic_kd(cfg, workdir, parent, mesh, until=until, progress=progress, datasets=kd_sets, evals=evals,
