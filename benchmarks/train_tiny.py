@@ -40,7 +40,8 @@ def main() -> int:
 
     from star_elastic_jax.checkpoint.elastic import read_elastic
     from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
-    from star_elastic_jax.train.metrics import budget_name, read_jsonl
+    from star_elastic_jax.elastic.budget import budget_name
+    from star_elastic_jax.train.metrics import read_jsonl
     from star_elastic_jax.train.trainer import train
 
     cfg = from_config_dict(apply_overrides(load_config_file(args.config), overrides))

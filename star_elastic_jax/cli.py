@@ -43,8 +43,8 @@ def _info_rows(args: argparse.Namespace, cfg, info) -> list:
     """``[(label, ElasticChoice)]`` from --budgets, --choices and (by default) the checkpoint's budgets."""
     import json
 
-    from star_elastic_jax.checkpoint.elastic import check_choice_lists, choice_lists_for, parse_fraction
-    from star_elastic_jax.elastic.budget import choice_for_budget
+    from star_elastic_jax.elastic.budget import (check_choice_lists, choice_for_budget, choice_lists_for,
+                                                 parse_fraction, validate_budgets)
     from star_elastic_jax.elastic.choice import ElasticChoice
     from star_elastic_jax.errors import ChoiceError
 
@@ -66,20 +66,16 @@ def _info_rows(args: argparse.Namespace, cfg, info) -> list:
         items = [x.strip() for x in args.budgets.split(",")]
         if not args.budgets.strip() or any(not x for x in items):
             raise StarElasticError("--budgets", args.budgets, "a comma-separated list such as 1.0,0.78,0.577")
+        names = () if info is None else tuple(info.budgets)
         parsed = []  # (label, stored choice or fraction); validated before any (slow) resolution
         for item in items:
-            if info is not None and item in info.budgets:
+            if item in names:
                 parsed.append((item, info.budgets[item]))
-                continue
-            try:
-                parsed.append((item, parse_fraction(item, "--budgets")))
-            except ChoiceError:
-                names = "" if info is None else f" or a budget name of --ckpt ({', '.join(sorted(info.budgets))})"
-                raise StarElasticError("--budgets", item, f"each entry must be a fraction in (0, 1]{names}") from None
+            else:
+                parsed.append((item, parse_fraction(item, "--budgets", names=names)))
         fractions = [v for _, v in parsed if isinstance(v, float)]
-        if fractions != sorted(set(fractions), reverse=True):
-            raise StarElasticError("--budgets", args.budgets, "fractions must be distinct and in descending order "
-                                                              "(index 0 = the largest budget)")
+        if fractions:
+            validate_budgets(fractions, "--budgets")
         for label, v in parsed:
             if isinstance(v, ElasticChoice):
                 rows.append((label, v))
@@ -123,7 +119,7 @@ def _print_budgets(args: argparse.Namespace, cfg, info, rows) -> None:
 
 def _flag_far_budgets(cfg, rows, asked: dict, depth_order) -> None:
     """A line per row whose delivered active fraction is more than 5 points from the asked one."""
-    from star_elastic_jax.checkpoint.elastic import BUDGET_SLACK, achieved_fraction
+    from star_elastic_jax.elastic.budget import BUDGET_SLACK, achieved_fraction
 
     for label, choice in rows:
         if label not in asked:
@@ -150,7 +146,8 @@ def _cmd_slice(args: argparse.Namespace) -> int:
 
     _check_out(args, args.out, "--out", args.ckpt)
     try:
-        res = slice_checkpoint(args.ckpt, args.budget, args.out, hf=args.hf, dtype=args.dtype,
+        dtype = args.dtype or ("bfloat16" if args.hf else None)  # --hf: bf16 for deployment, as documented
+        res = slice_checkpoint(args.ckpt, args.budget, args.out, hf=args.hf, dtype=dtype,
                                max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                verify=not args.no_verify, allow_nonfinite=args.allow_nonfinite)
     except ChoiceError as e:
@@ -159,14 +156,21 @@ def _cmd_slice(args: argparse.Namespace) -> int:
         raise
     pc = res.cfg.param_count()
     frac = res.active_fraction
-    print(f"budget {args.budget} -> {res.choice.to_dict() or 'full model'} (active fraction {frac:.4f})")
+    print(f"budget {args.budget} -> {res.choice.to_dict() or 'full model'} (active fraction {frac:.4f}; "
+          f"{_RULES[res.rule]})")
     _note_far_slice(args.budget, frac)
     print(f"wrote {'HF' if args.hf else 'Orbax'} checkpoint {res.out} ({pc.total:,} parameters, {pc.active:,} active)")
     return 0
 
 
+_RULES = {"stored": "a budget stored in the checkpoint",
+          "router": "chosen by the checkpoint's trained router, interpolating between its trained budgets",
+          "search": "chosen by exhaustive search over the checkpoint's choice lists (no trained router covers it)",
+          "explicit": "an explicit choice"}
+
+
 def _note_far_slice(budget: str, frac: float) -> None:
-    from star_elastic_jax.checkpoint.elastic import BUDGET_SLACK
+    from star_elastic_jax.elastic.budget import BUDGET_SLACK
 
     try:
         asked = float(budget)

@@ -14,7 +14,8 @@ from flax import nnx
 
 import star_elastic_jax as sej
 from star_elastic_jax.checkpoint import orbax as ckpt_orbax
-from star_elastic_jax.checkpoint.elastic import read_elastic, resolve_budget
+from star_elastic_jax.checkpoint.elastic import read_elastic
+from star_elastic_jax.elastic.budget import resolve_budget
 from star_elastic_jax.cli import main
 from star_elastic_jax.elastic.budget import choice_for_budget, choice_param_count, default_choice_lists
 

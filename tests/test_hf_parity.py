@@ -115,6 +115,17 @@ def test_ours_to_hf_logits(case, tmp_path):
     assert_logits_close(hf_logits(hf2, case.tokens), case.got)
 
 
+def test_default_export_is_lossless(case, tmp_path):
+    """fp32 HF -> from_hf -> to_hf() with its defaults -> transformers gives the original logits
+    (<= 1e-6 relative): the default keeps every parameter's dtype, like save_pretrained."""
+    out = sej.to_hf(case.ours, tmp_path / "default")
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "float32"
+    got = hf_logits(load_hf(out), case.tokens)
+    scale = float(np.abs(case.want).max())
+    assert float(np.abs(got - case.want).max()) <= 1e-6 * scale
+    assert_tensors_bit_exact(read_safetensors_dir(out), read_safetensors_dir(case.fp32_dir))
+
+
 def test_roundtrip_fp32_bit_exact(case, tmp_path):
     out = sej.to_hf(case.ours, tmp_path / "rt32", dtype="float32")
     assert_tensors_bit_exact(read_safetensors_dir(out), read_safetensors_dir(case.fp32_dir))

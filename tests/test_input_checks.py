@@ -211,7 +211,8 @@ def test_budget_below_the_smallest_choice_is_refused(src, tmp_path, capsys):
 
 
 def test_budget_far_from_every_choice_is_noted(src, tmp_path, capsys):
-    from star_elastic_jax.checkpoint.elastic import achieved_fraction, read_elastic, resolve_budget
+    from star_elastic_jax.checkpoint.elastic import read_elastic
+    from star_elastic_jax.elastic.budget import achieved_fraction, resolve_budget
 
     info = read_elastic(src["el"])
     frac = achieved_fraction(CFG, resolve_budget(info, 0.9))
@@ -224,8 +225,7 @@ def test_budget_far_from_every_choice_is_noted(src, tmp_path, capsys):
 def test_info_flags_a_row_far_from_its_budget(capsys):
     assert main(["info", "--config", "tiny", "--budgets", "1.0,0.95,0.2"]) == 0
     out = capsys.readouterr().out
-    from star_elastic_jax.checkpoint.elastic import achieved_fraction, choice_lists_for
-    from star_elastic_jax.elastic.budget import choice_for_budget
+    from star_elastic_jax.elastic.budget import achieved_fraction, choice_for_budget, choice_lists_for
 
     lists = choice_lists_for(CFG)
     for b in (1.0, 0.95, 0.2):

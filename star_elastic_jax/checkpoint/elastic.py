@@ -13,15 +13,13 @@ the stored arrays only: the model is never built or compiled, and the source is 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from star_elastic_jax.config import ModelConfig
-from star_elastic_jax.elastic.budget import (choice_for_budget, choice_param_count, default_choice_lists,
-                                             nano_choice_lists, smallest_active_fraction, validate_budget)
+from star_elastic_jax.elastic.budget import ChoiceResolver, check_choice_lists, resolve_budget_rule
 from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
 from star_elastic_jax.errors import CheckpointError, ChoiceError
 
@@ -29,7 +27,6 @@ FORMAT_VERSION = 1
 ROUTER_STATE = "router"
 SCORES_STATE = "scores"
 ROUTER_HF_FILE = "elastic_router.safetensors"
-ChoiceResolver = Callable[[ModelConfig, float], ElasticChoice]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +40,7 @@ class ElasticInfo:
     depth_order: tuple[int, ...] | None
     format_version: int
     permuted: bool = True
+    router_config: dict | None = None   # the trained budget router's RouterConfig fields, when stored
 
 
 @dataclasses.dataclass
@@ -86,31 +84,6 @@ def _check_budgets(cfg: ModelConfig, budgets: Mapping[str, ElasticChoice], depth
     return out
 
 
-def check_choice_lists(cfg: ModelConfig, choice_lists: Mapping[str, Sequence[int]] | None
-                       ) -> dict[str, list[int]] | None:
-    """Validate ``{axis: [sizes, descending]}`` against ``cfg`` (:class:`ChoiceError` naming the axis)."""
-    if choice_lists is None:
-        return None
-    if not isinstance(choice_lists, Mapping):
-        raise ChoiceError("choice_lists", type(choice_lists).__name__, "a dict {axis: [sizes, descending]}")
-    out = {}
-    for axis, values in choice_lists.items():
-        if axis not in dataclasses.asdict(ElasticChoice()) or axis == "depth":
-            raise ChoiceError("choice_lists", axis, "keys must be width axes of ElasticChoice")
-        values = list(values) if isinstance(values, (list, tuple)) else values
-        if not isinstance(values, list) or not values:
-            raise ChoiceError(f"choice_lists[{axis!r}]", values, "a non-empty list of sizes")
-        for v in values:
-            try:
-                ElasticChoice(**{axis: v}).resolve(cfg)
-            except ChoiceError as e:
-                raise ChoiceError(f"choice_lists[{axis!r}]", v, e.valid) from None
-        if values != sorted(set(values), reverse=True):
-            raise ChoiceError(f"choice_lists[{axis!r}]", values, "sizes must be distinct and descending")
-        out[axis] = [int(v) for v in values]
-    return out
-
-
 def _check_tree(name: str, tree: Any) -> None:
     """Extra state must be a nested dict with string keys and array leaves (it round-trips as such)."""
     if tree is None:
@@ -126,13 +99,15 @@ def _check_tree(name: str, tree: Any) -> None:
 
 def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, ElasticChoice], *,
                  choice_lists: Mapping[str, Sequence[int]] | None = None, router_state: Any = None,
-                 scores: Any = None, overwrite: bool = False) -> str:
+                 scores: Any = None, overwrite: bool = False, router_config: Any = None) -> str:
     """Write ``model`` (the permuted parent) and its named budgets as ONE nested Orbax checkpoint.
 
     Every budget is validated against the model (``choice.resolve(cfg, depth_order=...)``) and the
     choice lists and extra state are checked before anything is written (:class:`ChoiceError` /
     :class:`CheckpointError`). ``router_state`` / ``scores``: nested dicts of arrays (string keys).
     ``overwrite``: as :func:`checkpoint.orbax.save_model` (only a checkpoint of ours is replaced).
+    ``router_config``: the :class:`~star_elastic_jax.elastic.router.RouterConfig` of ``router_state``;
+    with both stored, slicing a fraction that is not a stored budget asks the trained router.
     """
     from star_elastic_jax.outputs import check_output_dir
 
@@ -154,10 +129,18 @@ def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, Elas
         "permuted": True,
         "router": ROUTER_STATE if router_state is not None else None,
         "scores": SCORES_STATE if scores is not None else None,
+        "router_config": None if router_config is None or router_state is None else _jsonable(router_config),
     }}
     extra = {ROUTER_STATE: router_state, SCORES_STATE: scores}
     return save_model(model, directory, metadata=meta, extra_state={k: v for k, v in extra.items() if v is not None},
                       overwrite=overwrite)
+
+
+def _jsonable(router_config: Any) -> dict:
+    import json
+
+    d = dataclasses.asdict(router_config) if dataclasses.is_dataclass(router_config) else dict(router_config)
+    return json.loads(json.dumps(d))
 
 
 def read_elastic(directory: str | os.PathLike, *, verify: bool = True) -> ElasticInfo:
@@ -197,8 +180,12 @@ def read_elastic(directory: str | os.PathLike, *, verify: bool = True) -> Elasti
         lists = check_choice_lists(cfg, block.get("choice_lists"))
     except ChoiceError as e:
         raise CheckpointError(f"elastic.{e.field}", e.value, e.valid) from None
+    router_config = block.get("router_config")
+    if router_config is not None and not isinstance(router_config, dict):
+        raise CheckpointError("elastic.router_config", router_config, "an object of RouterConfig fields or null")
     return ElasticInfo(path=directory, cfg=cfg, budgets=budgets, choice_lists=lists, depth_order=depth_order,
-                       format_version=version, permuted=bool(block.get("permuted", True)))
+                       format_version=version, permuted=bool(block.get("permuted", True)),
+                       router_config=router_config)
 
 
 def load_elastic(directory: str | os.PathLike, *, verify: bool = True, allow_nonfinite: bool = False
@@ -218,81 +205,6 @@ def load_elastic(directory: str | os.PathLike, *, verify: bool = True, allow_non
                              scores=load_extra_state(info.path, SCORES_STATE, verify=False))
 
 
-# ---------------------------------------------------------------------------------------------- budgets
-def parse_fraction(value: str | float, field: str = "budget") -> float:
-    """A budget fraction in (0, 1] from a float or a string such as ``"0.78"``."""
-    if isinstance(value, str):
-        try:
-            f = float(value)
-        except ValueError:
-            raise ChoiceError(field, value, "a budget name or a fraction in (0, 1]") from None
-    else:
-        f = value
-    if isinstance(f, float) and not math.isfinite(f):
-        raise ChoiceError(field, value, "a fraction in (0, 1]")
-    try:
-        return validate_budget(f)
-    except ChoiceError:
-        raise ChoiceError(field, value, "a fraction of the full model's active parameters in (0, 1]") from None
-
-
-def resolve_budget(ckpt, name_or_fraction: str | float, *, resolver: ChoiceResolver | None = None
-                   ) -> ElasticChoice:
-    """The choice for a budget: a budget name stored in ``ckpt`` (an :class:`ElasticCheckpoint` or
-    :class:`ElasticInfo`), else a fraction of the parent's active parameters.
-
-    Fractions go to ``resolver(cfg, fraction)`` when given (the hook for a trained budget router),
-    else to :func:`choice_for_budget` over the checkpoint's choice lists (or the config's defaults).
-    A fraction more than :data:`BUDGET_SLACK` below the smallest sub-model those lists allow cannot be
-    honoured and is a :class:`ChoiceError` (never silently replaced by a larger model).
-    """
-    budgets = ckpt.budgets
-    if isinstance(name_or_fraction, str) and name_or_fraction in budgets:
-        return budgets[name_or_fraction]
-    try:
-        fraction = parse_fraction(name_or_fraction)
-    except ChoiceError:
-        names = ", ".join(sorted(budgets)) or "none stored"
-        raise ChoiceError("budget", name_or_fraction,
-                          f"a budget name of this checkpoint ({names}) or a fraction in (0, 1]") from None
-    cfg = ckpt.cfg
-    if resolver is not None:
-        return resolver(cfg, fraction)
-    lists = choice_lists_for(cfg, ckpt.choice_lists)
-    smallest = smallest_active_fraction(cfg, lists)
-    if fraction < smallest - BUDGET_SLACK:
-        raise ChoiceError("budget", name_or_fraction,
-                          f"the smallest sub-model of this checkpoint's choice lists has active fraction {smallest:.4f}; "
-                          f"ask for a fraction of at least {max(smallest - BUDGET_SLACK, 0.0):.2f} (or a stored budget "
-                          "name)")
-    return choice_for_budget(cfg, fraction, lists)
-
-
-BUDGET_SLACK = 0.05  # 5 points of active fraction: a delivered size further than this from the asked one is flagged
-
-
-def achieved_fraction(cfg: ModelConfig, choice: ElasticChoice, depth_order=None) -> float:
-    """Active parameters of ``choice`` as a fraction of the full model's."""
-    return choice_param_count(cfg, choice, depth_order=depth_order).active / cfg.param_count().active
-
-
-_SHAPE_FIELDS = ("vocab_size", "hidden_size", "hybrid_override_pattern", "num_attention_heads", "num_key_value_heads",
-                 "head_dim", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "n_routed_experts",
-                 "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
-                 "intermediate_size")
-
-
-def choice_lists_for(cfg: ModelConfig, stored: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
-    """The candidate sizes budgets resolve over: ``stored`` lists (a checkpoint's) when given, SPEC
-    3.2's decision for the Nemotron 3 Nano architecture, else :func:`default_choice_lists`."""
-    if stored:
-        return {a: list(v) for a, v in stored.items()}
-    nano = ModelConfig.preset("nano-v3-30b")
-    if all(getattr(cfg, f) == getattr(nano, f) for f in _SHAPE_FIELDS) and cfg.per_layer is None:
-        return nano_choice_lists()
-    return default_choice_lists(cfg)
-
-
 # ---------------------------------------------------------------------------------------------- slicing
 @dataclasses.dataclass(frozen=True)
 class SliceResult:
@@ -300,6 +212,7 @@ class SliceResult:
     choice: ElasticChoice
     cfg: ModelConfig               # the sliced model's config
     active_fraction: float = 1.0   # its active parameters over the parent's
+    rule: str = "explicit"         # how the budget was resolved: stored / router / search / explicit
 
 
 def _numpy_params(params: Mapping[tuple, Any]) -> dict[tuple, np.ndarray]:
@@ -331,25 +244,77 @@ def slice_checkpoint(src: str | os.PathLike, budget: str | float | ElasticChoice
                      allow_nonfinite: bool = False) -> SliceResult:
     """Cut ``budget`` (a stored budget name, a fraction, or an explicit :class:`ElasticChoice`) out of
     the elastic checkpoint ``src`` and write it to ``out``: an Orbax model checkpoint, or with
-    ``hf=True`` an HF NemotronH checkpoint (``dtype`` default bfloat16; heterogeneous choices raise
+    ``hf=True`` an HF NemotronH checkpoint (heterogeneous choices raise
     :class:`ConfigError` before anything is read or written). Pure array slicing of the stored
     arrays; ``src`` is only read (and verified, unless ``verify=False``). ``out`` must not overlap
-    ``src``; an existing one is replaced only with ``overwrite`` and only if it is ours. Orbax output
-    keeps the stored dtypes unless ``dtype`` is set.
+    ``src``; an existing one is replaced only with ``overwrite`` and only if it is ours. Both outputs
+    keep the stored dtypes unless ``dtype`` is set (lossless; the CLI's ``--hf`` defaults to bf16).
     """
-    from star_elastic_jax.outputs import parse_size
-    from star_elastic_jax.checkpoint.orbax import load_params
-    from star_elastic_jax.outputs import check_output_dir
+    from star_elastic_jax.checkpoint.orbax import load_params, verify_checkpoint
+    from star_elastic_jax.elastic.budget import parse_fraction
+    from star_elastic_jax.outputs import check_output_dir, parse_size
 
     src = os.path.abspath(os.fspath(src))
     out = check_output_dir(out, inputs=[src], overwrite=overwrite)
     parse_size(max_shard_size)
     info = read_elastic(src, verify=verify)
-    choice = budget if isinstance(budget, ElasticChoice) else resolve_budget(info, budget, resolver=resolver)
+    explicit = isinstance(budget, ElasticChoice)
+    if not explicit and not (isinstance(budget, str) and budget in info.budgets):
+        parse_fraction(budget, names=tuple(info.budgets))  # a bad budget fails before the digests
+    if verify:
+        verify_checkpoint(src)
+    if explicit:
+        choice, rule = budget, "explicit"
+    else:
+        choice, rule = resolve_budget_rule(info, budget, resolver=resolver or router_resolver(info, budget))
     _precheck(info, choice, hf)
-    _, params = load_params(src, verify=verify, allow_nonfinite=allow_nonfinite)
-    return _write_slice(info, _numpy_params(params), choice, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
-                        label=budget if not isinstance(budget, ElasticChoice) else None, overwrite=overwrite)
+    _, params = load_params(src, verify=False, allow_nonfinite=allow_nonfinite)
+    res = _write_slice(info, _numpy_params(params), choice, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
+                       label=None if explicit else budget, overwrite=overwrite)
+    return dataclasses.replace(res, rule=rule)
+
+
+def trained_router(info: ElasticInfo):
+    """The checkpoint's trained :class:`~star_elastic_jax.elastic.router.BudgetRouter` (``None`` when it
+    stores no router state or no router config)."""
+    from flax import nnx
+
+    from star_elastic_jax.checkpoint.orbax import load_extra_state
+    from star_elastic_jax.elastic.router import BudgetRouter, RouterConfig
+
+    if info.router_config is None:
+        return None
+    state = load_extra_state(info.path, ROUTER_STATE, verify=False)
+    if state is None:
+        return None
+    try:
+        router = BudgetRouter(info.cfg, RouterConfig(**info.router_config), rngs=nnx.Rngs(0))
+        params = nnx.state(router, nnx.Param)
+        params.replace_by_pure_dict(state)
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError("elastic.router_config", info.path, f"does not match the stored router state ({e})") \
+            from None
+    nnx.update(router, params)
+    return router
+
+
+def router_resolver(info: ElasticInfo, budget: str | float) -> ChoiceResolver | None:
+    """A resolver asking the trained router for ``budget`` when the checkpoint has one and the
+    fraction lies within its trained budgets (it interpolates between them); else ``None``, and the
+    exhaustive search decides."""
+    from star_elastic_jax.elastic.budget import parse_fraction
+
+    if info.router_config is None or (isinstance(budget, str) and budget in info.budgets):
+        return None
+    try:
+        fraction = parse_fraction(budget)
+    except ChoiceError:
+        return None  # resolve_budget_rule reports it
+    trained = info.router_config.get("budgets") or []
+    if not trained or fraction < min(trained):
+        return None
+    router = trained_router(info)
+    return None if router is None else (lambda cfg, f: router.choice(f))
 
 
 def _precheck(info: ElasticInfo, choice: ElasticChoice, hf: bool) -> None:
@@ -372,7 +337,7 @@ def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: Ela
     marker = {"format_version": FORMAT_VERSION, "sliced": True, "budget": None if label is None else str(label),
               "choice": choice.to_dict()}
     if hf:
-        params_to_hf(new_cfg, new_params, out, dtype or "bfloat16", max_shard_size=max_shard_size,
+        params_to_hf(new_cfg, new_params, out, dtype, max_shard_size=max_shard_size,
                      extra_config={"elastic": marker}, overwrite=overwrite)
     else:
         depth = sliced_depth_order(info.depth_order, r.keep)
@@ -383,7 +348,7 @@ def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: Ela
                        active_fraction=new_cfg.param_count().active / info.cfg.param_count().active)
 
 
-def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
+def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
                       max_shard_size: int | str = "5GB", overwrite: bool = False, verify: bool = True,
                       allow_nonfinite: bool = False) -> str:
     """Write the full permuted parent of elastic checkpoint ``src`` in HF format; config.json gets an
@@ -447,7 +412,8 @@ def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice 
     from star_elastic_jax.checkpoint.orbax import load_params
 
     info = read_elastic(src, verify=verify)
-    choices = {label: b if isinstance(b, ElasticChoice) else resolve_budget(info, b) for label, b in budgets.items()}
+    choices = {label: b if isinstance(b, ElasticChoice) else resolve_budget_rule(info, b)[0]
+               for label, b in budgets.items()}
     for c in choices.values():
         _precheck(info, c, hf=False)
     nested = dir_bytes(info.path)
@@ -466,6 +432,6 @@ def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice 
     return nested, sizes
 
 
-__all__ = ["ElasticCheckpoint", "ElasticInfo", "FORMAT_VERSION", "SliceResult", "check_choice_lists",
-           "choice_lists_for", "dir_bytes", "elastic_hf_block", "export_elastic_hf", "load_elastic", "measure_storage",
-           "parse_fraction", "read_elastic", "resolve_budget", "save_elastic", "slice_checkpoint"]
+__all__ = ["ElasticCheckpoint", "ElasticInfo", "FORMAT_VERSION", "SliceResult", "dir_bytes", "elastic_hf_block",
+           "export_elastic_hf", "load_elastic", "measure_storage", "read_elastic", "router_resolver", "save_elastic",
+           "slice_checkpoint", "trained_router"]

@@ -204,7 +204,7 @@ def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: boo
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_tensors(model, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
+def hf_tensors(model, dtype: str | None = None) -> Iterable[tuple[str, np.ndarray]]:
     """Yield ``(hf_key, numpy tensor)`` in on-disk order, one tensor at a time."""
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
     return hf_tensors_from_params(model.cfg, _LazyValues(flat), dtype)
@@ -217,14 +217,25 @@ class _LazyValues(dict):
         return super().__getitem__(key).get_value()
 
 
-def hf_tensors_from_params(cfg: ModelConfig, params, dtype: str = "bfloat16") -> Iterable[tuple[str, np.ndarray]]:
+def hf_tensors_from_params(cfg: ModelConfig, params, dtype: str | None = None) -> Iterable[tuple[str, np.ndarray]]:
     """Yield ``(hf_key, numpy tensor)`` in on-disk order from a flat ``{nnx path: array}`` dict of a
-    model of ``cfg`` (jax or numpy arrays), one tensor at a time."""
-    if dtype not in _NP_DTYPES:
-        raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)}")
+    model of ``cfg`` (jax or numpy arrays), one tensor at a time. ``dtype=None`` keeps every
+    parameter's own dtype (lossless); a name converts to it. fp32 buffers always stay fp32."""
+    if dtype is not None and dtype not in _NP_DTYPES:
+        raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)} or None (keep each parameter's dtype)")
     if cfg.per_layer is not None:
         cfg.to_hf()  # raises the ConfigError that explains why heterogeneous slices have no HF form
-    return _hf_tensors(cfg, params, _NP_DTYPES[dtype])
+    return _hf_tensors(cfg, params, None if dtype is None else _NP_DTYPES[dtype])
+
+
+def stored_dtype_name(params) -> str:
+    """config.json's ``torch_dtype`` for parameters written in their own dtypes: the widest float
+    dtype among them (``float32`` when any is fp32)."""
+    names = {str(np.dtype(params[k].dtype)) for k in params}
+    for name in ("float64", "float32", "bfloat16", "float16"):
+        if name in names:
+            return "float32" if name == "float64" else name
+    return "float32"
 
 
 def _hf_tensors(cfg: ModelConfig, params, np_dtype) -> Iterable[tuple[str, np.ndarray]]:
@@ -238,13 +249,15 @@ def _hf_tensors(cfg: ModelConfig, params, np_dtype) -> Iterable[tuple[str, np.nd
             t = t[entry.expert]
         for d in entry.km.hf_extra_dims:
             t = np.expand_dims(t, d)
-        yield entry.hf_key, np.ascontiguousarray(t.astype(np.float32 if entry.km.fp32 else np_dtype))
+        target = np.float32 if entry.km.fp32 else (t.dtype if np_dtype is None else np_dtype)
+        yield entry.hf_key, np.ascontiguousarray(t.astype(target, copy=False))
 
 
-def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_shard_size: int | str = "5GB",
+def to_hf(model, out_dir: str | os.PathLike, dtype: str | None = None, *, max_shard_size: int | str = "5GB",
           progress: bool = False, extra_config: dict | None = None, overwrite: bool = False) -> str:
     """Write ``model`` as an HF NemotronH checkpoint (config.json + safetensors shards + index +
-    our sha256 manifest).
+    our sha256 manifest). Lossless by default, like ``save_pretrained``: every parameter keeps its
+    dtype; ``dtype="bfloat16"`` (or float16 / float32) converts.
 
     The directory is written through a temporary sibling and renamed into place, so a crash never
     leaves a half-written checkpoint under ``out_dir``. An existing non-empty ``out_dir`` is an
@@ -256,7 +269,7 @@ def to_hf(model, out_dir: str | os.PathLike, dtype: str = "bfloat16", *, max_sha
                         progress=progress, extra_config=extra_config, overwrite=overwrite)
 
 
-def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: str = "bfloat16", *,
+def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: str | None = None, *,
                  max_shard_size: int | str = "5GB", progress: bool = False, extra_config: dict | None = None,
                  extra_files: dict[str, dict[str, np.ndarray]] | None = None, overwrite: bool = False) -> str:
     """:func:`to_hf` for a flat ``{nnx path: array}`` dict of a model of ``cfg`` (no model needed).
@@ -268,8 +281,8 @@ def params_to_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, dtype: st
     """
     limit = parse_size(max_shard_size)
     out_dir = check_output_dir(out_dir, overwrite=overwrite, field="out_dir")
-    cfg_json = cfg.to_hf(torch_dtype=dtype)  # validates: raises ConfigError for heterogeneous configs
-    tensors = hf_tensors_from_params(cfg, params, dtype)
+    tensors = hf_tensors_from_params(cfg, params, dtype)  # validates dtype and heterogeneous configs
+    cfg_json = cfg.to_hf(torch_dtype=dtype or stored_dtype_name(params))
     for name in extra_files or {}:
         if not name.endswith(".safetensors") or os.path.basename(name) != name or name == SINGLE_NAME \
                 or name.startswith("model-"):

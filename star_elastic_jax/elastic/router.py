@@ -83,17 +83,9 @@ class RouterConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        b = self.budgets
-        if not isinstance(b, tuple) or not b:
-            raise ChoiceError("budgets", b, "a non-empty sequence of fractions in (0, 1]")
-        for x in b:
-            if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not 0 < x <= 1:
-                raise ChoiceError("budgets", b, "every budget must be a fraction in (0, 1]")
-        if len(set(b)) != len(b):
-            raise ChoiceError("budgets", b, "budgets must be unique")
-        if list(b) != sorted(b, reverse=True):
-            raise ChoiceError("budgets", b, "budgets must be sorted in descending order (largest first)")
-        object.__setattr__(self, "budgets", tuple(float(x) for x in b))
+        from star_elastic_jax.elastic.budget import validate_budgets
+
+        object.__setattr__(self, "budgets", validate_budgets(self.budgets, "budgets"))
         if not self.choice_lists:
             raise ChoiceError("choice_lists", self.choice_lists, "at least one elastic axis")
         seen = set()
@@ -330,9 +322,9 @@ def straight_through(p: jax.Array) -> jax.Array:
 
 def budget_vector(budgets: Sequence[float], budget: float) -> np.ndarray:
     """``[len(budgets)]`` router input for ``budget`` (``budgets`` descending, SPEC 3.6)."""
-    from star_elastic_jax.elastic.budget import validate_budget
+    from star_elastic_jax.elastic.budget import validate_fraction
 
-    b = validate_budget(budget)
+    b = validate_fraction(budget)
     n = len(budgets)
     u = np.zeros((n,), np.float32)
     if b >= budgets[0]:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from star_elastic_jax.config import MOE_IMPLS, SSD_IMPLS, ModelConfig
 from star_elastic_jax.data.pipeline import DataConfig
 from star_elastic_jax.data.synthetic import SyntheticConfig
+from star_elastic_jax.elastic.budget import validate_budgets
 from star_elastic_jax.elastic.router import RouterConfig
 from star_elastic_jax.errors import ChoiceError, ConfigError, DataError, StarElasticError
 from star_elastic_jax.train.sharding import MeshConfig
@@ -340,9 +341,7 @@ def from_config_dict(config: Any) -> TrainConfig:
         raise ConfigError(unknown[0], d[unknown[0]], f"unknown config section; valid: {sorted(known)}")
     model = with_kernels(model_config_from(d.get("model") or {}), d.get("kernels"))
     r = dict(d.get("router") or {})
-    budgets = r.pop("budgets", None)
-    if budgets is None or (isinstance(budgets, (list, tuple)) and not budgets):
-        raise ChoiceError("router.budgets", budgets, "a non-empty, descending list of fractions in (0, 1]")
+    budgets = validate_budgets(r.pop("budgets", None), "router.budgets")
     lists = r.pop("choice_lists", None)
     if "heterogeneous_axes" in r:
         r["heterogeneous_axes"] = tuple(r["heterogeneous_axes"])

@@ -15,7 +15,8 @@ from star_elastic_jax.data.pipeline import make_dataset
 from star_elastic_jax.errors import CheckpointError, DataError
 from star_elastic_jax.train.checkpointing import TrainCheckpointer
 from star_elastic_jax.train.config import StageConfig, TrainConfig
-from star_elastic_jax.train.metrics import MetricsWriter, Progress, budget_name
+from star_elastic_jax.elastic.budget import budget_name
+from star_elastic_jax.train.metrics import MetricsWriter, Progress
 from star_elastic_jax.train.step import TrainStep, budget_indices
 
 CKPT_DIR = "checkpoints"

@@ -146,9 +146,3 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def budget_name(b: float) -> str:
-    """The label of a budget fraction (also its name in the elastic checkpoint): ``1.0``, ``0.78``."""
-    s = f"{float(b):g}"
-    return s if "." in s else s + ".0"

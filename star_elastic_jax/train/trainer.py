@@ -38,7 +38,8 @@ from star_elastic_jax.train.loop import (
     pretrain_stages,
     stage_dataset,
 )
-from star_elastic_jax.train.metrics import MetricsWriter, budget_name, read_jsonl
+from star_elastic_jax.elastic.budget import budget_name
+from star_elastic_jax.train.metrics import MetricsWriter, read_jsonl
 from star_elastic_jax.train.run_config import check_and_store
 from star_elastic_jax.train.step import TrainStep
 
@@ -202,7 +203,7 @@ def save_final(cfg: TrainConfig, workdir: str, ts: TrainStep, state) -> tuple[st
     router_state = jax.tree.map(np.asarray, nnx.state(router, nnx.Param).to_pure_dict())
     path = save_elastic(model, os.path.join(workdir, ELASTIC_DIR), budgets,
                         choice_lists={a: list(s) for a, s in cfg.router.choice_lists}, router_state=router_state,
-                        overwrite=True)  # a rerun of a finished run rewrites its own output
+                        router_config=cfg.router, overwrite=True)  # a rerun of a finished run rewrites its own output
     return path, budgets
 
 
