@@ -38,7 +38,8 @@ def build(mode: str, preset: str, batch: int, seq: int):
 
     from star_elastic_jax.elastic.router import BudgetRouter
     from star_elastic_jax.train import sharding as sh
-    from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
+    from star_elastic_jax.train.config import from_config_dict
+    from star_elastic_jax.train.overrides import apply_overrides, load_config_file
     from star_elastic_jax.train.step import TrainStep
 
     cfg = from_config_dict(apply_overrides(load_config_file(os.path.join(ROOT, "configs", "small.py")),

@@ -39,7 +39,8 @@ def main() -> int:
     args, overrides = p.parse_known_args()
 
     from star_elastic_jax.checkpoint.elastic import read_elastic
-    from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
+    from star_elastic_jax.train.config import from_config_dict
+    from star_elastic_jax.train.overrides import apply_overrides, load_config_file
     from star_elastic_jax.elastic.budget import budget_name
     from star_elastic_jax.train.metrics import read_jsonl
     from star_elastic_jax.train.trainer import train

@@ -46,7 +46,7 @@ for (( i = 0; i < N; i++ )); do
       STAR_ELASTIC_COORDINATOR="127.0.0.1:$PORT" \
       STAR_ELASTIC_NUM_PROCESSES="$N" \
       STAR_ELASTIC_PROCESS_ID="$i" \
-      "$PYTHON" -m star_elastic_jax.distributed -- \
+      "$PYTHON" -m star_elastic_jax.launcher -- \
       train --config "$CONFIG" --workdir "$WORKDIR" --no-progress "${EXTRA[@]}" >"$log" 2>&1 &
   pids+=($!)
 done

@@ -42,7 +42,7 @@ python3 -m venv ~/venv && ~/venv/bin/pip install -U pip && ~/venv/bin/pip instal
     ;;
   train)
     extra="$(quote_args "$@")"
-    ssh_all "cd star_elastic_jax && nohup ~/venv/bin/python -m star_elastic_jax.distributed -- \
+    ssh_all "cd star_elastic_jax && nohup ~/venv/bin/python -m star_elastic_jax.launcher -- \
 train --config $CONFIG --workdir $WORKDIR --no-progress$extra > ~/star-elastic.log 2>&1 & echo \$! > ~/star-elastic.pid"
     ;;
   logs)

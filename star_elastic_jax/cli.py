@@ -245,7 +245,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from star_elastic_jax.distributed import initialize
-    from star_elastic_jax.train.config import apply_overrides, from_config_dict, load_config_file
+    from star_elastic_jax.train.config import from_config_dict
+    from star_elastic_jax.train.overrides import apply_overrides, load_config_file
     from star_elastic_jax.train.trainer import train
 
     from star_elastic_jax.train.trainer import check_workdir

@@ -31,9 +31,9 @@ Data: each process then reads only its own shard, ``make_dataset(..., process_in
 process_count=jax.process_count())``, and the global batch is assembled with
 ``jax.make_array_from_process_local_data`` (``TrainStep.put_batch``).
 
-``python -m star_elastic_jax.distributed [flags] -- train --config ... --workdir ...`` initializes
+``python -m star_elastic_jax.launcher [flags] -- train --config ... --workdir ...`` initializes
 and then runs the ``star-elastic`` CLI with the remaining arguments (what the scripts in ``launch/``
-use).
+use); it lives in :mod:`star_elastic_jax.launcher`, above the CLI, so this module never imports it.
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ import dataclasses
 import logging
 import os
 import re
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from star_elastic_jax.errors import ConfigError
@@ -394,37 +393,3 @@ def config_from_args(args: argparse.Namespace) -> DistributedConfig:
                              process_id=getattr(args, "process_id", None),
                              local_device_ids=_parse_ids(ids, "--local-device-ids") if ids else None,
                              auto=getattr(args, "auto", True))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m star_elastic_jax.distributed [flags] [--] <star-elastic args>``: initialize, then run
-    the CLI (``train --config ... --workdir ...``) in this process."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" in argv:
-        i = argv.index("--")
-        own, rest = argv[:i], argv[i + 1:]
-    else:
-        own, rest = argv, []
-    parser = add_flags(argparse.ArgumentParser(
-        prog="python -m star_elastic_jax.distributed",
-        description="Initialize JAX's distributed runtime, then run `star-elastic <args after -->`."))
-    args, unknown = parser.parse_known_args(own)
-    rest = unknown + rest
-    try:
-        cfg = initialize(config_from_args(args))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import jax
-
-    print(f"[star_elastic_jax.distributed] process {jax.process_index()}/{jax.process_count()} ({cfg.source}); "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices", file=sys.stderr, flush=True)
-    if not rest:
-        return 0
-    from star_elastic_jax.cli import main as cli_main
-
-    return cli_main(rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -47,6 +47,10 @@ EP_CASES = (((2, 2, 2, 1), "contiguous", "ragged", 30, 8, (0, 1, 2, 5), False),
             ((1, 1, 4, 2), "strided", "dense", 24, 8, (0, 4, 6), True),
             ((1, 2, 4, 1), "contiguous", "auto", 20, 6, (0, 1, 3), True))
 EP_H, EP_F, EP_K = 16, 12, 2
+# Elastic limits under expert parallelism, through the Pallas kernels (interpret mode): (mesh, T, E,
+# k_limit, ffn_limit). Case 0 splits the FFN over tensor = 2 (6 channels a shard; the limit 8 keeps
+# 6 + 2), case 1 keeps it whole.
+EP_LIMIT_CASES = (((1, 1, 4, 2), 24, 8, 8, 8), ((2, 2, 2, 1), 24, 8, 12, 5))
 
 
 def tiny_cfg():
@@ -153,6 +157,16 @@ def _worker(out_path: str) -> None:
         out[f"ep/{i}/y"] = np.asarray(y)
         for name, a in zip(("x", "w", "up", "down"), (g[0], g[1], np.asarray(g[2])[inv], np.asarray(g[3])[inv])):
             out[f"ep/{i}/{name}"] = np.asarray(a)
+    for i, (shape, T, E, kl, fl) in enumerate(EP_LIMIT_CASES):
+        mesh = sh.make_mesh(sh.MeshConfig(*shape))
+        x, idx, w, up, down, _, _ = ep_inputs(T, E, tuple(range(E)), False)
+        mask = (np.arange(EP_F) < fl).astype(np.float32)
+
+        def limited(x, idx, w, up, down, mask, kl, fl):
+            return expert_ffn_parallel(x, idx, w, up, down, impl="pallas", ffn_mask=mask, k_limit=kl, ffn_limit=fl)
+
+        with jax.set_mesh(mesh):
+            out[f"eplim/{i}"] = np.asarray(jax.jit(limited)(x, idx, w, up, down, mask, jnp.int32(kl), jnp.int32(fl)))
     np.savez(out_path, **out)
 
 
@@ -340,6 +354,33 @@ def test_same_loss_and_grads_on_one_and_eight_devices(worker):
     tag = "x".join(map(str, INIT_SHARDED_MESH))
     for key in grads1:  # sharded init == host init (partitionable threefry; ulp-level codegen diffs)
         np.testing.assert_allclose(res[f"init/{tag}/{key}"], res[f"host/{key}"], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_two_logical_axes_on_one_mesh_axis_is_an_error_naming_both():
+    from star_elastic_jax.errors import ConfigError
+
+    mesh = sh.make_mesh(sh.MeshConfig(), devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match="'mamba_inner' and 'mlp' both map to mesh axis 'tensor'"):
+        sh.logical_to_spec(("mamba_inner", "mlp"), (4, 4), mesh, where="w")
+    with pytest.raises(ConfigError, match="'batch' and 'expert' both map to mesh axis 'expert'"):
+        sh.logical_to_spec(("batch", "expert"), (8, 8), mesh)
+    assert sh.logical_to_spec(("expert", "expert_mlp", "embed"), (8, 4, 4), mesh) == P()
+
+
+@pytest.mark.parametrize("case", range(len(EP_LIMIT_CASES)))
+def test_expert_parallel_passes_the_elastic_limits_to_the_kernels(worker, case):
+    """Hidden channels past k_limit are exactly zero only if the limit reached the kernel (x is not
+    masked), and the FFN limit is split correctly over tensor shards: EP == one device."""
+    _, T, E, kl, fl = EP_LIMIT_CASES[case]
+    x, idx, w, up, down, _, _ = ep_inputs(T, E, tuple(range(E)), False)
+    mask = (np.arange(EP_F) < fl).astype(np.float32)
+    want = np.asarray(jax.jit(lambda *a: expert_ffn(*a[:5], impl="pallas", ffn_mask=a[5], k_limit=a[6],
+                                                    ffn_limit=a[7]))(x, idx, w, up, down, mask, jnp.int32(kl),
+                                                                     jnp.int32(fl)))
+    got = worker.result()[f"eplim/{case}"]
+    if kl < EP_H:
+        assert np.all(got[:, kl:] == 0) and np.abs(got[:, :kl]).max() > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("case", range(len(EP_CASES)))

@@ -10,7 +10,8 @@ import pytest
 
 from star_elastic_jax.cli import main
 from star_elastic_jax.errors import ChoiceError, ConfigError, DataError
-from star_elastic_jax.train.config import TrainConfig, apply_overrides, from_config_dict, load_config_file
+from star_elastic_jax.train.config import TrainConfig, from_config_dict
+from star_elastic_jax.train.overrides import apply_overrides, load_config_file
 from star_elastic_jax.train.optim import model_schedule, router_schedule
 from star_elastic_jax.train.trainer import train
 

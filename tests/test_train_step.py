@@ -19,7 +19,8 @@ from flax import nnx
 from star_elastic_jax.elastic.router import BudgetRouter
 from star_elastic_jax.model.model import model_from_params
 from star_elastic_jax.train import sharding as sh
-from star_elastic_jax.train.config import OptimConfig, apply_overrides, from_config_dict, load_config_file
+from star_elastic_jax.train.config import OptimConfig, from_config_dict
+from star_elastic_jax.train.overrides import apply_overrides, load_config_file
 from star_elastic_jax.train.optim import make_optimizer, model_schedule, router_schedule
 from star_elastic_jax.train.step import TrainStep, budget_indices
 from train_fixtures import random_params

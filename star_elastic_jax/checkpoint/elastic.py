@@ -228,12 +228,12 @@ def _cast(params: dict[tuple, np.ndarray], cfg: ModelConfig, dtype: str | None) 
     from flax import nnx
 
     from star_elastic_jax.checkpoint.hf import _NP_DTYPES
-    from star_elastic_jax.model.model import NemotronH
+    from star_elastic_jax.model.model import abstract_model
     from star_elastic_jax.model.params import Buffer
 
     if dtype not in _NP_DTYPES:
         raise CheckpointError("dtype", dtype, f"one of {sorted(_NP_DTYPES)}")
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     buffers = {tuple(p) for p, v in nnx.to_flat_state(nnx.state(abstract)) if isinstance(v, Buffer)}
     return {p: v if p in buffers else v.astype(_NP_DTYPES[dtype]) for p, v in params.items()}
 

@@ -157,11 +157,11 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bool
 
 
 def _load(cfg: ModelConfig, reader: SafetensorsReader, dtype: Any, progress: bool, allow_nonfinite: bool = False):
-    from star_elastic_jax.model.model import NemotronH
+    from star_elastic_jax.model.model import abstract_model
 
     fused = any(k.startswith("model.") for k in reader.keys())
     pdt = jnp.float32 if dtype is None else jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=pdt))
+    abstract = abstract_model(cfg, param_dtype=pdt)
     graphdef, state = nnx.split(abstract)
     flat = {path_: var for path_, var in nnx.to_flat_state(state)}
     flat_shapes = {p: v.get_value() for p, v in flat.items()}

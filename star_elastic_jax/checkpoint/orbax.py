@@ -109,9 +109,9 @@ def _savable(x):
 
 def abstract_params(cfg: ModelConfig) -> dict[Path, Any]:
     """``{nnx path: ShapeDtypeStruct}`` of ``NemotronH(cfg)`` (traced abstractly: no init, no compile)."""
-    from star_elastic_jax.model.model import NemotronH
+    from star_elastic_jax.model.model import abstract_model
 
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract))}
 
 

@@ -114,6 +114,12 @@ def check_tokens(tokens, segment_ids, cfg: ModelConfig) -> None:
         raise DataError("segment_ids.shape", tuple(segment_ids.shape), f"must equal tokens.shape={tokens.shape}")
 
 
+def abstract_model(cfg: ModelConfig, *, param_dtype=jnp.float32, depth_order=None) -> NemotronH:
+    """``NemotronH(cfg)`` traced abstractly (``nnx.eval_shape``): every leaf a ShapeDtypeStruct, no
+    initialiser run, nothing compiled. The one way to get a config's parameter shapes."""
+    return nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, depth_order=depth_order))
+
+
 def model_from_params(cfg: ModelConfig, params: dict, *, depth_order=None, param_dtype=jnp.float32,
                       where: str = "params") -> NemotronH:
     """Build a NemotronH from a flat ``{nnx path: array}`` dict without running initialisers.
@@ -124,9 +130,7 @@ def model_from_params(cfg: ModelConfig, params: dict, *, depth_order=None, param
     """
     from star_elastic_jax.errors import CheckpointError
 
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                                depth_order=depth_order))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype=param_dtype, depth_order=depth_order))
     flat = list(nnx.to_flat_state(state))
     missing = [p for p, _ in flat if tuple(p) not in params]
     if missing:

@@ -385,13 +385,3 @@ def from_config_dict(config: Any) -> TrainConfig:
         if k in d:
             kwargs[k] = d[k]
     return TrainConfig(**kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    """``load_config_file`` / ``apply_overrides`` live in :mod:`train.overrides` (re-exported lazily:
-    overrides imports this module)."""
-    if name in ("load_config_file", "apply_overrides"):
-        from star_elastic_jax.train import overrides
-
-        return getattr(overrides, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

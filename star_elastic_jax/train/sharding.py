@@ -18,8 +18,8 @@ table mapping them to mesh axes:
 
 **Divisibility fallback.** A dim that is not divisible by the product of its mesh axes is not an
 error: the longest prefix of the rule's axes whose size product divides the dim is used (for a
-single axis: the dim is replicated). A mesh axis already used by an earlier dim of the same array is
-skipped, and size-1 axes are dropped. So e.g. 2 KV heads, 4 experts on ``expert = 8`` or a batch of 4
+single axis: the dim is replicated), and size-1 axes are dropped. Two logical names of one array that
+map to the same mesh axis are a table error (``ConfigError`` naming both), never a silent drop. So e.g. 2 KV heads, 4 experts on ``expert = 8`` or a batch of 4
 on ``data = 8`` all run, just less sharded. (The expert-parallel MoE applies the same fallback.)
 """
 from __future__ import annotations
@@ -37,30 +37,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from star_elastic_jax.errors import ConfigError
+from star_elastic_jax.sharding_rules import LOGICAL_RULES, MESH_AXES, RULES, mesh_axes_of
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "MeshConfig", "make_mesh", "logical_to_spec", "logical_sharding",
+           "param_specs", "param_shardings", "put", "shard_model", "init_sharded", "batch_sharding", "constrain",
+           "replicated", "sharded_jit"]
 
-# logical axis name -> mesh axis, tuple of mesh axes, or None (replicated). Flax LogicalRules format,
-# so it also works with ``nnx.logical_axis_rules(LOGICAL_RULES)``.
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # activations
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("act_embed", None),
-    # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mamba_inner", "tensor"),
-    ("mamba_heads", "tensor"),
-    ("mamba_bc", None),
-    ("q_heads", "tensor"),
-    ("kv_heads", None),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
-    ("expert_mlp", "tensor"),
-    ("layers", None),  # a stacked (scanned) layer axis, should one appear
-)
-_RULES = dict(LOGICAL_RULES)
+_RULES = RULES  # the one table: star_elastic_jax/sharding_rules.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +105,7 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
     if len(names) != len(shape):
         raise ConfigError(f"{where}.out_sharding", tuple(names), f"needs one name per dim of shape {tuple(shape)}")
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    used: set[str] = set()
+    used: dict[str, str] = {}  # mesh axis -> the logical name of this array that maps to it
     spec: list[Any] = []
     for name, dim in zip(names, shape):
         if name is None:
@@ -131,12 +114,17 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
         if name not in _RULES:
             raise ConfigError(f"{where}.out_sharding", name,
                               f"logical axis name has no rule in train.sharding.LOGICAL_RULES ({sorted(_RULES)})")
-        rule = _RULES[name]
-        axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
-        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
+        axes = mesh_axes_of(name)
+        for a in axes:
+            if a in used:
+                raise ConfigError(f"{where}.out_sharding", tuple(names),
+                                  f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r} in "
+                                  "LOGICAL_RULES; one array may use each mesh axis once")
+        owners = {a: name for a in axes}
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
         while axes and dim % math.prod(sizes[a] for a in axes):
             axes = axes[:-1]  # longest dividing prefix
-        used.update(axes)
+        used.update(owners)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while spec and spec[-1] is None:
         spec.pop()

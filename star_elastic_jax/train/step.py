@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.elastic.router import BudgetRouter, RouterConfig, router_key, scaler, tau
 from star_elastic_jax.errors import ConfigError, DataError
-from star_elastic_jax.model.model import NemotronH
+from star_elastic_jax.model.model import NemotronH, abstract_model
 from star_elastic_jax.train import sharding as sh
 from star_elastic_jax.train.config import OptimConfig
 from star_elastic_jax.train.losses import ce_loss, kd_loss, router_loss
@@ -61,10 +61,6 @@ def budget_indices(seed: int, step: int, n_micro: int, n_budgets: int,
         rng = np.random.default_rng([int(seed), int(step), int(mb)])
         out[mb] = rng.integers(n_budgets) if weights is None else rng.choice(n_budgets, p=np.asarray(weights))
     return out
-
-
-def _abstract_model(cfg: ModelConfig):
-    return nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
 
 
 def _with_shardings(tree, shardings):
@@ -92,7 +88,7 @@ class TrainStep:
             raise ConfigError("router", None, "KD mode needs a RouterConfig")
         if self.mode == "ce":
             self.router_cfg = None
-        abstract = _abstract_model(self.model_cfg)
+        abstract = abstract_model(self.model_cfg)
         self.model_graphdef, a_params, a_buffers = nnx.split(abstract, nnx.Param, ...)
         self.tx = make_optimizer(self.optim, self.total_steps)
         self.schedules = schedules(self.optim, self.total_steps)
@@ -103,7 +99,7 @@ class TrainStep:
         if self.router_cfg is not None:
             a_router = nnx.eval_shape(lambda: BudgetRouter(self.model_cfg, self.router_cfg, rngs=nnx.Rngs(0)))
             self.router_graphdef, a_rparams = nnx.split(a_router, nnx.Param)
-            params_sh["router"] = jax.tree.map(lambda _: rep, a_rparams)  # tiny: replicated everywhere
+            params_sh["router"] = sh.param_shardings(a_rparams, self.mesh)  # replicated by its logical rules
             a_all["router"] = a_rparams
         self.buffers_sharding = sh.param_shardings(a_buffers, self.mesh)
         self.params_sharding = params_sh

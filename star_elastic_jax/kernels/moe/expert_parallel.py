@@ -49,10 +49,13 @@ from jax.sharding import PartitionSpec as P
 
 from star_elastic_jax.errors import ConfigError
 from star_elastic_jax.kernels.moe.reference import expert_ffn
+from star_elastic_jax.sharding_rules import mesh_axes_of
 
-TOKEN_AXES = ("data", "fsdp", "expert")
-EXPERT_AXIS = "expert"
-TENSOR_AXIS = "tensor"
+# The mesh axes come from the one rules table: tokens are split like the activations' batch dim,
+# experts like the experts' leading dim, the expert FFN like its ``expert_mlp`` dim.
+TOKEN_AXES = mesh_axes_of("batch")
+(EXPERT_AXIS,) = mesh_axes_of("expert")
+(TENSOR_AXIS,) = mesh_axes_of("expert_mlp")
 PLACEMENTS = ("contiguous", "strided")
 
 
@@ -96,7 +99,7 @@ def uses_expert_parallel(mesh) -> bool:
 
 
 def expert_ffn_parallel(x, idx, weights, up, down, *, mesh=None, impl: str = "ragged", ffn_mask=None,
-                        placement: str = "contiguous"):
+                        placement: str = "contiguous", k_limit=None, ffn_limit=None):
     """Expert-parallel :func:`expert_ffn`: same contract (``x [T, H]``, ``idx / weights [T, k]``,
     ``up [E, F, H]``, ``down [E, H, F]``, ``ffn_mask [F]``; returns fp32 ``[T, H]``), same result.
 
@@ -105,6 +108,10 @@ def expert_ffn_parallel(x, idx, weights, up, down, *, mesh=None, impl: str = "ra
     weight 0); ``E`` not divisible by the ``expert`` axis falls back to replicated experts (every
     shard computes its own tokens, no exchange); ``F`` not divisible by ``tensor`` replicates the FFN
     dim (the tensor shards then compute redundantly). Those fallbacks match ``train.sharding``'s rules.
+
+    ``k_limit`` / ``ffn_limit`` (elastic, see :func:`expert_ffn`) reach the per-shard kernels: the
+    hidden dim is never split here; when the FFN dim is split over ``tensor`` (contiguous blocks of
+    ``F / tp`` channels), each shard gets the part of the kept prefix that falls in its block.
     """
     _check_placement(placement)
     mesh = active_mesh() if mesh is None else mesh
@@ -131,12 +138,24 @@ def expert_ffn_parallel(x, idx, weights, up, down, *, mesh=None, impl: str = "ra
     in_specs = (P(token_axes or None, None), tok, tok, P(expert, tensor, None), P(expert, None, tensor))
     # cast before the boundary, so the FSDP all-gather moves compute-dtype weights (the kernels cast anyway)
     args = (x, idx, weights, up.astype(x.dtype), down.astype(x.dtype))
-    if ffn_mask is not None:
-        in_specs, args = in_specs + (P(tensor),), args + (ffn_mask,)
+    extra_names = []
+    for name, value in (("ffn_mask", ffn_mask), ("k_limit", k_limit), ("ffn_limit", ffn_limit)):
+        if value is None or (name != "ffn_mask" and isinstance(value, int)):
+            continue  # python-int limits are static: closed over below
+        in_specs = in_specs + ((P(tensor),) if name == "ffn_mask" else (P(),))
+        args = args + (value,)
+        extra_names.append(name)
 
-    def local(x, idx, weights, up, down, ffn_mask=None):
-        out = _local_dispatch(x, idx, weights, up, down, ffn_mask, ep=ep, impl=impl, placement=placement,
-                              expert_axis=EXPERT_AXIS if ep > 1 else None)
+    def local(x, idx, weights, up, down, *extra):
+        kw = {"ffn_mask": None, "k_limit": k_limit, "ffn_limit": ffn_limit}
+        kw.update(zip(extra_names, extra))
+        if tensor is not None and kw["ffn_limit"] is not None:
+            f_local = F // tp
+            kw["ffn_limit"] = jnp.clip(jnp.asarray(kw["ffn_limit"], jnp.int32) - jax.lax.axis_index(tensor) * f_local,
+                                       0, f_local)
+        out = _local_dispatch(x, idx, weights, up, down, kw["ffn_mask"], ep=ep, impl=impl, placement=placement,
+                              expert_axis=EXPERT_AXIS if ep > 1 else None, k_limit=kw["k_limit"],
+                              ffn_limit=kw["ffn_limit"])
         return out if tensor is None else jax.lax.psum(out, tensor)
 
     # check_vma=False: per-shard kernels (e.g. the blocked fori_loop with a zeros carry) need not be
@@ -147,7 +166,8 @@ def expert_ffn_parallel(x, idx, weights, up, down, *, mesh=None, impl: str = "ra
     return out[:T] if pad else out
 
 
-def _local_dispatch(x, idx, weights, up, down, ffn_mask, *, ep, impl, placement, expert_axis):
+def _local_dispatch(x, idx, weights, up, down, ffn_mask, *, ep, impl, placement, expert_axis, k_limit=None,
+                    ffn_limit=None):
     """One shard: route the local assignments to their expert shards, run, return, combine (fp32).
 
     Returns the *partial* (this tensor shard's FFN slice) fp32 ``[T_local, H]``."""
@@ -155,7 +175,7 @@ def _local_dispatch(x, idx, weights, up, down, ffn_mask, *, ep, impl, placement,
     H = x.shape[1]
     w32 = weights.astype(jnp.float32)
     if expert_axis is None:  # every expert is local: the single-device kernel on local tokens
-        return expert_ffn(x, idx, w32, up, down, impl=impl, ffn_mask=ffn_mask)
+        return expert_ffn(x, idx, w32, up, down, impl=impl, ffn_mask=ffn_mask, k_limit=k_limit, ffn_limit=ffn_limit)
     n_local = up.shape[0]
     A = Tl * k
     flat = idx.reshape(A)
@@ -178,7 +198,8 @@ def _local_dispatch(x, idx, weights, up, down, ffn_mask, *, ep, impl, placement,
     recv_x, recv_e, recv_v = exchange(send_x), exchange(send_e), exchange(send_v)
     # k = 1, weight 1 (real) / 0 (padding): the unweighted expert output of each real row, which the
     # reference also rounds to x.dtype before weighting, so the return trip in x.dtype is lossless.
-    out = expert_ffn(recv_x, recv_e[:, None], recv_v[:, None], up, down, impl=impl, ffn_mask=ffn_mask)
+    out = expert_ffn(recv_x, recv_e[:, None], recv_v[:, None], up, down, impl=impl, ffn_mask=ffn_mask,
+                     k_limit=k_limit, ffn_limit=ffn_limit)
     back = exchange(out.astype(x.dtype))
     y = back[slot].astype(jnp.float32) * w32.reshape(A, 1)
     return y.reshape(Tl, k, H).sum(axis=1)
@@ -189,10 +210,11 @@ def routed_expert_ffn(x, idx, weights, up, down, *, impl: str = "ragged", ffn_ma
     """The MoE block's entry point: :func:`expert_ffn` unless a multi-device mesh with an ``expert``
     axis is active (``jax.set_mesh``), then :func:`expert_ffn_parallel` on that mesh.
 
-    The elastic limits (see :func:`expert_ffn`) only reach the single-device kernels; under expert
-    parallelism the FFN may be split over ``tensor``, and the masks alone keep the result exact."""
+    The elastic limits (see :func:`expert_ffn`) reach the kernels on both paths (see
+    :func:`expert_ffn_parallel` for the one case that refuses a limit)."""
     mesh = active_mesh()
     if not uses_expert_parallel(mesh):
         return expert_ffn(x, idx, weights, up, down, impl=impl, ffn_mask=ffn_mask, k_limit=k_limit,
                           ffn_limit=ffn_limit)
-    return expert_ffn_parallel(x, idx, weights, up, down, mesh=mesh, impl=impl, ffn_mask=ffn_mask)
+    return expert_ffn_parallel(x, idx, weights, up, down, mesh=mesh, impl=impl, ffn_mask=ffn_mask, k_limit=k_limit,
+                               ffn_limit=ffn_limit)
