@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 import star_elastic_jax as sej
 from star_elastic_jax.checkpoint.orbax import flat_params, load_params, save_params
 from star_elastic_jax.cli import main
-from star_elastic_jax.config import _HF_REQUIRED
+from star_elastic_jax.config.hf_json import _HF_REQUIRED
 from star_elastic_jax.errors import CheckpointError, ConfigError
 from star_elastic_jax.export import slice_hf as torch_slicer
 from star_elastic_jax.manifest import MANIFEST_NAME

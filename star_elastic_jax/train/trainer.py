@@ -164,7 +164,7 @@ def prepare_parent(cfg: TrainConfig, workdir: str, mesh, *, progress: bool = Tru
 
 
 def _runtime(model_cfg) -> dict:
-    from star_elastic_jax.config import _RUNTIME_FIELDS
+    from star_elastic_jax.config.blocks import _RUNTIME_FIELDS
 
     return {k: getattr(model_cfg, k) for k in _RUNTIME_FIELDS}
 
