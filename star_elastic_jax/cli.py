@@ -110,7 +110,7 @@ def _print_budgets(args: argparse.Namespace, cfg, info, rows) -> None:
     _flag_far_budgets(cfg, rows, getattr(args, "asked", {}), depth_order)
     print(storage_summary(cfg, rows, depth_order=depth_order))
     if info is not None:
-        from star_elastic_jax.checkpoint.elastic import measure_storage
+        from star_elastic_jax.export.elastic import measure_storage
 
         distinct = dict(distinct_choices(cfg, rows, depth_order=depth_order))
         nested, sizes = measure_storage(info.path, distinct, verify=not args.no_verify)
@@ -141,7 +141,7 @@ def _check_out(args: argparse.Namespace, out: str, field: str, *inputs: str) -> 
 
 
 def _cmd_slice(args: argparse.Namespace) -> int:
-    from star_elastic_jax.checkpoint.elastic import slice_checkpoint
+    from star_elastic_jax.export.elastic import slice_checkpoint
     from star_elastic_jax.errors import ChoiceError
 
     _check_out(args, args.out, "--out", args.ckpt)
@@ -187,7 +187,8 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     _check_out(args, args.out, "--out", args.ckpt)
     verify = not args.no_verify
     if args.elastic:
-        from star_elastic_jax.checkpoint.elastic import export_elastic_hf, read_elastic
+        from star_elastic_jax.checkpoint.elastic import read_elastic
+        from star_elastic_jax.export.elastic import export_elastic_hf
 
         info = read_elastic(args.ckpt, verify=verify)
         export_elastic_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,

@@ -5,14 +5,19 @@ from flax import nnx
 
 import star_elastic_jax as sej
 
-# Two tiny configs that between them exercise every axis: tiny = SPEC 2.4 (M*ME-M); "tiny_b" has
-# 4 B/C groups, 3 KV groups of 2 query heads, 6 experts and two MoE and two attention blocks.
+# Tiny configs that between them exercise every axis: tiny = SPEC 2.4 (M*ME-M); "tiny_b" has
+# 4 B/C groups, 3 KV groups of 2 query heads, 6 experts and two MoE and two attention blocks;
+# "tiny_g" has group-limited routing (8 experts in 2 routing groups, each token keeps 1 group, top-2),
+# so experts nest within each routing group (valid expert counts 4, 6, 8), in two MoE blocks.
 CONFIGS = {
     "tiny": sej.ModelConfig.preset("tiny"),
     "tiny_b": sej.ModelConfig.preset(
         "tiny", hybrid_override_pattern="ME*-M*E", mamba_num_heads=8, n_groups=4, num_attention_heads=6,
         num_key_value_heads=3, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
         intermediate_size=40, hidden_size=48),
+    "tiny_g": sej.ModelConfig.preset(
+        "tiny", hybrid_override_pattern="ME*E-", n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, moe_intermediate_size=24),
 }
 
 

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 import star_elastic_jax as sej
-from star_elastic_jax.checkpoint.elastic import read_elastic, slice_checkpoint
+from star_elastic_jax.checkpoint.elastic import read_elastic
+from star_elastic_jax.export.elastic import slice_checkpoint
 from star_elastic_jax.cli import main
 from star_elastic_jax.elastic.budget import (FRACTION_VALID, choice_for_budget, default_choice_lists, parse_fraction,
                                              resolve_budget, validate_budgets, validate_fraction)

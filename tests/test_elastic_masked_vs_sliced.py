@@ -1,8 +1,9 @@
 """Masked == sliced: the full model run with hard elastic masks equals the physically sliced model.
 
-Property test over random choices on two tiny configs: every axis (hidden, mamba_heads, attn_heads,
-experts, expert_ffn, mlp_ffn, depth), homogeneous and heterogeneous sizes, with and without packed
-documents. The reference is the sliced model: a separate, smaller network built by slicing tensors.
+Property test over random choices on the tiny configs (one with group-limited routing, where experts
+nest within each routing group): every axis (hidden, mamba_heads, attn_heads, experts, expert_ffn,
+mlp_ffn, depth), homogeneous and heterogeneous sizes, with and without packed documents. The
+reference is the sliced model: a separate, smaller network built by slicing tensors.
 """
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ def _valid_sizes(cfg, axis):
     sizes = [s for s in range(g, full + 1, g)]
     if axis == "experts":
         sizes = [s for s in sizes if s >= cfg.num_experts_per_tok]
+        if cfg.n_group > 1:  # group routing: >= 2 experts per group (top-2 group score), top-k in the kept groups
+            sizes = [s for s in sizes if s // g >= 2 and cfg.topk_group * (s // g) >= cfg.num_experts_per_tok]
     return sizes
 
 

@@ -19,6 +19,7 @@ from star_elastic_jax.checkpoint.orbax import flat_params, load_params, save_par
 from star_elastic_jax.cli import main
 from star_elastic_jax.config.hf_json import _HF_REQUIRED
 from star_elastic_jax.errors import CheckpointError, ConfigError
+from star_elastic_jax.export.elastic import export_elastic_hf
 from star_elastic_jax.export import slice_hf as torch_slicer
 from star_elastic_jax.manifest import MANIFEST_NAME
 from star_elastic_jax.outputs import parse_size
@@ -35,7 +36,7 @@ def src(tmp_path_factory):
     el = sej.save_elastic(model, root / "el", budgets={"full": sej.ElasticChoice(), "small": SMALL})
     return {"model": model, "hf": sej.to_hf(model, root / "hf", dtype="float32"),
             "ckpt": sej.checkpoint.orbax.save_model(model, root / "ckpt"), "el": el,
-            "elhf": sej.checkpoint.elastic.export_elastic_hf(el, root / "elhf", dtype="float32")}
+            "elhf": export_elastic_hf(el, root / "elhf", dtype="float32")}
 
 
 def one_line_error(argv, capsys, main_fn=main, rc=2) -> str:

@@ -52,13 +52,13 @@ def _close(a, b, rtol=RTOL):
 
 def test_choice_masks_carry_limits():
     masks = masks_from_choice(CFG, CHOICE)
-    layers = masks["layers"]
-    assert layers[0]["mamba"]["head_limit"] == 4 // CFG.n_groups
-    assert layers[1]["hidden_limit"] == 48 and layers[1]["ffn_limit"] == 16
+    layers = masks.layers
+    assert layers[0].mixer.head_limit == 4 // CFG.n_groups
+    assert layers[1].mixer.hidden_limit == 48 and layers[1].mixer.ffn_limit == 16
     # the limits agree with the 0/1 masks they summarise
-    head_mask = np.asarray(layers[0]["mamba"]["mask"]).reshape(CFG.n_groups, -1, CFG.mamba_head_dim)[..., 0]
-    assert (head_mask.sum(axis=1) == layers[0]["mamba"]["head_limit"]).all()
-    assert np.asarray(layers[1]["ffn"]).sum() == 16 and np.asarray(masks["hidden"]["mask"]).sum() == 48
+    head_mask = np.asarray(layers[0].mixer.mask).reshape(CFG.n_groups, -1, CFG.mamba_head_dim)[..., 0]
+    assert (head_mask.sum(axis=1) == layers[0].mixer.head_limit).all()
+    assert np.asarray(layers[1].mixer.ffn).sum() == 16 and np.asarray(masks.hidden.mask).sum() == 48
 
 
 def test_pallas_model_equals_reference(models):

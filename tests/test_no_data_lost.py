@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 import star_elastic_jax as sej
-from star_elastic_jax.checkpoint.elastic import export_elastic_hf, slice_checkpoint
+from star_elastic_jax.export.elastic import export_elastic_hf, slice_checkpoint
 from star_elastic_jax.checkpoint.orbax import flat_params, load_params, save_model, save_params
 from star_elastic_jax.cli import main as cli_main
 from star_elastic_jax.errors import CheckpointError, OutputError

@@ -112,11 +112,7 @@ def test_config_rejects_bad_lists_and_options():
 def without_limits(masks):
     """The mask arrays of ``masks_from_choice`` without the int limits it adds for the kernels
     (router masks have none)."""
-    if isinstance(masks, dict):
-        return {k: without_limits(v) for k, v in masks.items() if k not in ("head_limit", "hidden_limit", "ffn_limit")}
-    if isinstance(masks, tuple):
-        return tuple(without_limits(v) for v in masks)
-    return masks
+    return masks.without_limits()
 
 
 @pytest.mark.parametrize("hetero", [(), ("mamba_heads", "expert_ffn")])

@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import star_elastic_jax as sej  # noqa: E402
-from star_elastic_jax.checkpoint.elastic import slice_checkpoint  # noqa: E402
+from star_elastic_jax.export.elastic import slice_checkpoint  # noqa: E402
 from star_elastic_jax.checkpoint.orbax import load_model  # noqa: E402
 from star_elastic_jax.cli import main  # noqa: E402
-from star_elastic_jax.elastic.hf_recipe import build_recipe  # noqa: E402
+from star_elastic_jax.export.hf_recipe import build_recipe  # noqa: E402
 
 from hf_fixtures import assert_tensors_bit_exact, forward, random_model, read_safetensors_dir  # noqa: E402
 
@@ -209,13 +209,15 @@ def test_slicer_module_cli_help():
 @pytest.mark.parametrize("name, choice", [
     # n_groups=4 (Mamba prefix per group of 2 heads), GQA 6q/2kv (3 q heads per KV group), conv kernel 3
     ("B", sej.ElasticChoice(hidden=32, mamba_heads=4, attn_heads=4, expert_ffn=16, mlp_ffn=24)),
-    # n_groups=1, MHA, no conv bias, two MoE blocks back to back (group-limited routing: experts stay full)
+    # n_groups=1, MHA, no conv bias, two MoE blocks back to back
     ("C", sej.ElasticChoice(hidden=16, mamba_heads=3, expert_ffn=8, mlp_ffn=16)),
+    # group-limited routing (6 experts in 2 groups, keep 1): experts 0, 1, 3, 4 of both MoE blocks
+    ("C", sej.ElasticChoice(hidden=16, experts=4, expert_ffn=8)),
 ])
 def test_other_configs_bit_exact(name, choice, slicer, tmp_path):
     from hf_fixtures import HF_CONFIGS
 
-    from star_elastic_jax.checkpoint.elastic import export_elastic_hf
+    from star_elastic_jax.export.elastic import export_elastic_hf
 
     cfg = sej.ModelConfig.from_hf(HF_CONFIGS[name])
     model = random_model(cfg, seed=1)

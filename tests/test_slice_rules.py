@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import star_elastic_jax as sej
-from star_elastic_jax.checkpoint.elastic import read_elastic, slice_checkpoint, trained_router
+from star_elastic_jax.checkpoint.elastic import read_elastic, trained_router
+from star_elastic_jax.export.elastic import slice_checkpoint
 from star_elastic_jax.checkpoint.orbax import read_metadata
 from star_elastic_jax.cli import main
 from star_elastic_jax.elastic.budget import choice_for_budget, choice_lists_for

@@ -190,6 +190,11 @@ class ModelConfig:
                     raise ConfigError(f"{field}.experts", s.experts,
                                       f">= num_experts_per_tok={self.num_experts_per_tok} and a multiple of "
                                       f"n_group={self.n_group}")
+                per_group = s.experts // self.n_group
+                if self.n_group > 1 and (per_group < 2 or self.topk_group * per_group < self.num_experts_per_tok):
+                    raise ConfigError(f"{field}.experts", s.experts,
+                                      f">= 2 per routing group (n_group={self.n_group}) and topk_group * experts per "
+                                      f"group >= num_experts_per_tok={self.num_experts_per_tok}")
                 if s.expert_ffn <= 0:
                     raise ConfigError(f"{field}.expert_ffn", s.expert_ffn, "a positive integer")
             if ch == "-" and s.mlp_ffn <= 0:

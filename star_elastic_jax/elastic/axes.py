@@ -6,8 +6,11 @@ Units and layout. An axis counts *units* (channels, heads, experts, layers). A l
 holds ``unit`` channels per unit, unit-major (a Mamba head owns ``mamba_head_dim`` consecutive
 rows of ``in_proj_x``). Grouped axes keep a *prefix within every group*: units are group-major,
 ``n_units / n_groups`` per group, and a size ``c`` keeps the first ``c / n_groups`` of each group
-(Mamba heads within each of the ``n_groups`` B/C groups; query heads within each KV group). That
-is what keeps B/C sharing and GQA intact, and what makes the per-group norm correction exact.
+(Mamba heads within each of the ``n_groups`` B/C groups; query heads within each KV group; routed
+experts within each of the ``n_group`` routing groups). That is what keeps B/C sharing and GQA
+intact, what makes the per-group norm correction exact, and what keeps group-limited routing
+(a token first keeps the ``topk_group`` groups with the best top-2 scores) choosing among the same
+groups as the sliced router: every group keeps its own best experts and stays a group.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ AXES: dict[str, Axis] = {
         groups_field="num_key_value_heads",
         leaves=(LeafDim("mixer.q_proj", 0, "head_dim"), LeafDim("mixer.o_proj", 1, "head_dim"))),
     "experts": Axis(
-        "experts", kinds="E", size_field="n_routed_experts", layer_field="experts",
+        "experts", kinds="E", size_field="n_routed_experts", layer_field="experts", groups_field="n_group",
         leaves=(LeafDim("mixer.gate_weight", 0), LeafDim("mixer.e_score_correction_bias", 0),
                 LeafDim("mixer.experts_up", 0), LeafDim("mixer.experts_down", 0))),
     "expert_ffn": Axis(
@@ -151,3 +154,10 @@ def leaf_dims(cfg: ModelConfig) -> dict[tuple, list[tuple[str, LeafDim]]]:
 def layer_sizes_with(cfg: ModelConfig, i: int, **sizes: int) -> LayerSizes:
     """Block ``i``'s sizes with some fields replaced."""
     return dataclasses.replace(cfg.layer_sizes(i), **sizes)
+
+
+def axes_description() -> dict[str, dict]:
+    """JSON description of the axes table (axis -> size/groups/layer fields, block kinds), stored in
+    every nested checkpoint's metadata."""
+    return {name: {"size_field": ax.size_field, "groups_field": ax.groups_field,
+                   "layer_field": ax.layer_field or None, "kinds": ax.kinds or None} for name, ax in AXES.items()}

@@ -218,7 +218,7 @@ def check_choice_lists(cfg: ModelConfig, choice_lists: Mapping[str, Sequence[int
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "hybrid_override_pattern", "num_attention_heads", "num_key_value_heads",
                  "head_dim", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "n_routed_experts",
                  "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
-                 "intermediate_size")
+                 "intermediate_size", "n_group", "topk_group")
 
 
 def choice_lists_for(cfg: ModelConfig, stored: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[int]]:

@@ -57,6 +57,13 @@ class ElasticChoice:
         """Validate against ``cfg`` and expand to per-block sizes. Raises :class:`ChoiceError`."""
         return resolve_choice(cfg, self, depth_order=depth_order, align=align)
 
+    def masks(self, cfg: ModelConfig, *, depth_order: Sequence[int] | None = None):
+        """The hard :class:`~star_elastic_jax.model.masks.ElasticMasks` of this choice (with the kernel
+        limits). The model calls this, so it needs nothing from the elastic layer above it."""
+        from star_elastic_jax.elastic.masks import masks_from_choice
+
+        return masks_from_choice(cfg, self, depth_order=depth_order)
+
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedChoice:
@@ -129,10 +136,57 @@ def _validate_size(cfg: ModelConfig, axis: str, layer: int, v: int, where: str, 
         raise ChoiceError(f"{axis}{where}", v, f"must be a multiple of {AXES[axis].groups_field}={groups} "
                                                "(a prefix is kept within every group)")
     if axis == "experts":
-        if v < cfg.num_experts_per_tok:
-            raise ChoiceError(f"experts{where}", v, f"must be >= num_experts_per_tok={cfg.num_experts_per_tok}")
-        if v < full and cfg.n_group > 1:
-            raise ChoiceError(f"experts{where}", v, f"group-limited routing (n_group={cfg.n_group}) is not "
-                                                    "prefix-nested; keep experts full or use n_group=1")
+        _validate_experts(cfg, v, f"experts{where}")
     if align and axis in ALIGNED_AXES and v % align:
         raise ChoiceError(f"{axis}{where}", v, f"must be a multiple of {align} (block alignment requested)")
+
+
+def _validate_experts(cfg: ModelConfig, v: int, field: str) -> None:
+    """Routing constraints on an expert count ``v`` (already a multiple of ``n_group``).
+
+    Experts nest within each routing group (``v / n_group`` kept per group), so the sliced router
+    must still be a valid group-limited router: every group is scored by the sum of its top-2
+    experts (here, in transformers and in ``ModelConfig.validate``), and the ``topk_group`` groups
+    a token keeps must hold at least ``num_experts_per_tok`` experts to pick from.
+    """
+    k = cfg.num_experts_per_tok
+    if v < k:
+        raise ChoiceError(field, v, f"must be >= num_experts_per_tok={k}")
+    if cfg.n_group == 1:
+        return
+    per_group = v // cfg.n_group
+    if per_group < 2:
+        raise ChoiceError(field, v, f"keeps {per_group} expert per routing group, but group routing "
+                                    f"(n_group={cfg.n_group}) scores each group by its top-2 experts: "
+                                    f"keep >= 2 per group (experts >= {2 * cfg.n_group})")
+    if cfg.topk_group * per_group < k:
+        need = -(-k // cfg.topk_group) * cfg.n_group  # ceil(k / topk_group) experts in every group
+        raise ChoiceError(field, v, f"the topk_group={cfg.topk_group} groups a token keeps would hold "
+                                    f"{cfg.topk_group * per_group} experts, fewer than num_experts_per_tok={k}: "
+                                    f"experts must be >= {need}")
+
+
+def valid_sizes(cfg: ModelConfig, axis: str, layer: int | None = None) -> list[int]:
+    """Every size ``axis`` accepts (at block ``layer`` for per-layer axes), ascending.
+
+    The sizes :func:`resolve_choice` accepts for a homogeneous choice of this axis alone (no block
+    alignment): e.g. for ``experts`` the multiples of ``n_group`` that keep >= 2 experts per group
+    (when ``n_group > 1``) and enough experts in the kept groups for top-k.
+    """
+    if axis not in PER_LAYER_AXES and axis != "hidden":
+        raise ChoiceError("axis", axis, f"a width axis: hidden or one of {PER_LAYER_AXES}")
+    if axis == "hidden":
+        return list(range(1, cfg.hidden_size + 1))
+    if layer is None:
+        layers = layers_of(cfg, axis)
+        if not layers:
+            return []
+        layer = layers[0]
+    out = []
+    for v in range(1, full_size(cfg, axis, layer) + 1):
+        try:
+            _validate_size(cfg, axis, layer, v, "", None)
+        except ChoiceError:
+            continue
+        out.append(v)
+    return out

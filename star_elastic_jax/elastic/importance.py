@@ -6,7 +6,9 @@ One calibration pass accumulates, per block, the activation statistics each axis
   sequence and channel, ``sqrt(sum_batch a^2)`` per block), summed over blocks;
 - Mamba heads: the x slice of in_proj's output, L2 over tokens and the head's channels, ranked
   within each B/C group;
-- experts: REAP, the mean over tokens routed to an expert of (combine weight x ||expert output||);
+- experts: REAP, the mean over tokens routed to an expert of (combine weight x ||expert output||),
+  ranked within each routing group (group-limited routing scores a group by its own experts, so
+  moving an expert to another group would change which groups a token keeps);
 - expert-FFN channels: the fc2 input (post relu2) over all experts' routed tokens, Minitron;
 - dense-MLP channels: the fc2 input, Minitron;
 - attention heads: L2 of each head's o_proj input, ranked within its KV group;

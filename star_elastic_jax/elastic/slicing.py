@@ -31,7 +31,8 @@ def sliced_config(cfg: ModelConfig, r: ResolvedChoice) -> ModelConfig:
     """The config of the sub-model: hidden_size, per-axis sizes and (depth) pattern rewritten.
 
     Homogeneous sizes go into the global HF fields; heterogeneous ones into ``per_layer``.
-    n_groups, KV heads, head dims, state size and top-k never change.
+    n_groups, KV heads, head dims, state size, top-k and the routing groups (``n_group``,
+    ``topk_group``: experts are kept per group) never change.
     """
     kept = [s for s, k in zip(r.layer_sizes, r.keep) if k]
     changes: dict[str, Any] = {"hidden_size": r.hidden,

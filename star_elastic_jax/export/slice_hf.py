@@ -2,7 +2,7 @@
 
 Input: a directory written by ``star-elastic export-hf --elastic`` (the permuted parent in NVIDIA's
 on-disk layout, plus ``config.json["elastic"]`` holding the budgets and the slicing recipe; format
-in ``star_elastic_jax/elastic/hf_recipe.py``). Output: a standard ``nemotron_h`` checkpoint of the
+in ``star_elastic_jax/export/hf_recipe.py``). Output: a standard ``nemotron_h`` checkpoint of the
 sub-model (sharded safetensors + index like the exporter's, config.json with the sliced fields),
 readable by transformers, vLLM, NVIDIA's remote code and ``star_elastic_jax.from_hf``.
 
@@ -36,7 +36,8 @@ from star_elastic_jax.errors import StarElasticError  # noqa: E402
 from star_elastic_jax.manifest import HF_CONFIG_KEY, MANIFEST_NAME, has_manifest, verify_manifest  # noqa: E402
 from star_elastic_jax.outputs import check_output_dir, parse_size, replace_dir, seal, staging_dir  # noqa: E402
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+RECIPE_VERSIONS = (1, 2)  # 1: no expert groups (a plain expert prefix), still read
 ELASTIC_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -79,9 +80,9 @@ def elastic_block(cfg: dict[str, Any], where: str = CONFIG_NAME) -> dict[str, An
         raise SliceError(f"elastic.format_version={block.get('format_version')!r}: this slicer reads "
                          f"format {ELASTIC_VERSION}")
     recipe = block.get("recipe")
-    if not isinstance(recipe, dict) or recipe.get("format_version") != RECIPE_VERSION:
+    if not isinstance(recipe, dict) or recipe.get("format_version") not in RECIPE_VERSIONS:
         raise SliceError(f"elastic.recipe.format_version={(recipe or {}).get('format_version')!r}: "
-                         f"this slicer reads recipe format {RECIPE_VERSION}")
+                         f"this slicer reads recipe formats {list(RECIPE_VERSIONS)}")
     if not isinstance(block.get("budgets"), dict) or not isinstance(recipe.get("tensors"), list):
         raise SliceError("elastic block needs 'budgets' (object) and 'recipe.tensors' (list)")
     return block
@@ -185,6 +186,26 @@ def slice_dim(t: torch.Tensor, dim: int, segments: list[dict[str, Any]], sizes: 
     return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
 
 
+def kept_experts(experts: dict[str, Any], sizes: dict[str, Any], key: str, layer: int | None) -> dict[int, int]:
+    """Old -> new index of the experts a per-expert recipe entry keeps.
+
+    The ``count`` experts form ``groups`` equal contiguous groups (the routing groups); a size ``c``
+    keeps the first ``c / groups`` of every group, renumbered ``0 .. c-1`` in order (group-major,
+    like every grouped axis). ``groups`` absent: one group, a plain prefix.
+    """
+    count, groups = int(experts["count"]), int(experts.get("groups", 1))
+    n = count if experts.get("axis") is None else _size(sizes, experts["axis"], experts.get("layer"), key)
+    what = f"{key} (block {layer})"
+    if groups < 1 or count % groups:
+        raise SliceError(f"{what}: the recipe's {count} experts do not split into {groups} equal groups")
+    if not 0 < n <= count or n % groups:
+        raise SliceError(f"{what}: keeps {n} of {count} experts; must be in [1, {count}] and a multiple of "
+                         f"the {groups} routing groups")
+    per, keep = count // groups, n // groups
+    old = [g * per + j for g in range(groups) for j in range(keep)]
+    return {e: new for new, e in enumerate(old)}
+
+
 def sliced_tensors(in_dir: str, budget: str, *, allow_nonfinite: bool = False
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` of the sliced checkpoint in on-disk order, one tensor at a time."""
@@ -200,22 +221,18 @@ def sliced_tensors(in_dir: str, budget: str, *, allow_nonfinite: bool = False
         experts = spec.get("experts")
         if experts is None:
             indices: list[int | None] = [None]
+            new_expert: dict[int | None, int | None] = {None: None}
         else:
-            count = int(experts["count"])
-            n = count if experts.get("axis") is None else _size(sizes, experts["axis"], experts.get("layer"),
-                                                                spec["key"])
-            if not 0 < n <= count:
-                raise SliceError(f"{spec['key']} (block {layer}): keeps {n} of {count} experts")
-            indices = list(range(count))
-            kept_experts = n
+            indices = list(range(int(experts["count"])))
+            new_expert = kept_experts(experts, sizes, spec["key"], layer)
         for e in indices:
             src_key = spec["key"].format(layer=layer, expert=e)
             if layer is not None and layer not in renumber:
                 used.add(src_key)
                 continue  # block dropped by the depth axis
-            if e is not None and e >= kept_experts:
+            if e not in new_expert:
                 used.add(src_key)
-                continue  # expert beyond the kept prefix
+                continue  # expert beyond the kept prefix of its group
             t = reader.get(src_key)
             used.add(src_key)
             if list(t.shape) != list(spec["shape"]):
@@ -224,7 +241,7 @@ def sliced_tensors(in_dir: str, budget: str, *, allow_nonfinite: bool = False
             for d, segments in enumerate(spec["dims"]):
                 t = slice_dim(t, d, segments, sizes, src_key)
             new_layer = None if layer is None else renumber[layer]
-            yield spec["key"].format(layer=new_layer, expert=e), t.contiguous()
+            yield spec["key"].format(layer=new_layer, expert=new_expert[e]), t.contiguous()
     extra = sorted(set(reader.key_to_file) - used)
     if extra:
         raise SliceError(f"{len(extra)} tensor(s) of the checkpoint are not in the recipe, e.g. {extra[0]!r}")

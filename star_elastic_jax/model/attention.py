@@ -60,11 +60,11 @@ class Attention(nnx.Module):
         self.v_proj = logical(normal(rngs, (nkv * dh, H), std, param_dtype), ("kv_heads", "embed"))
         self.o_proj = logical(normal(rngs, (H, nq * dh), std, param_dtype), ("embed", "q_heads"))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks=None) -> jax.Array:
         b, L, _ = x.shape
         return linear(self.head_outputs(x, segment_ids, masks).reshape(b, L, -1), self.o_proj[...])
 
-    def head_outputs(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None):
+    def head_outputs(self, x: jax.Array, segment_ids: jax.Array | None = None, masks=None):
         """Per-head attention outputs ``[b, L, kv, rep, d]`` (the o_proj input)."""
         cfg = self.cfg
         b, L, _ = x.shape
@@ -73,6 +73,6 @@ class Attention(nnx.Module):
         k = linear(x, self.k_proj[...]).reshape(b, L, nkv, dh)
         v = linear(x, self.v_proj[...]).reshape(b, L, nkv, dh)
         out = causal_attention(q, k, v, segment_ids)
-        if masks is not None and "heads" in masks:  # query heads are kv-group-major
-            out = out * masks["heads"].reshape(nkv, -1)[:, :, None].astype(out.dtype)
+        if masks is not None:  # AttentionMasks; query heads are kv-group-major
+            out = out * masks.heads.reshape(nkv, -1)[:, :, None].astype(out.dtype)
         return out

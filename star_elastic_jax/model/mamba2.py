@@ -16,6 +16,7 @@ from flax import nnx
 
 from star_elastic_jax.config import LayerSizes, ModelConfig
 from star_elastic_jax.kernels.ssd import ssd
+from star_elastic_jax.model.masks import MambaMasks
 from star_elastic_jax.model.norms import gated_group_rms_norm
 from star_elastic_jax.model.params import dt_bias_init, linear, logical, normal, uniform
 
@@ -74,8 +75,9 @@ class Mamba2Mixer(nnx.Module):
     def num_heads(self) -> int:
         return self.A_log.shape[0]
 
-    def __call__(self, u: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
-        """``masks["mamba"] = {"mask": [d_in], "norm": [2]}`` masks heads (SPEC 3.5): z and the x
+    def __call__(self, u: jax.Array, segment_ids: jax.Array | None = None, masks: MambaMasks | None = None
+                 ) -> jax.Array:
+        """``masks`` (:class:`MambaMasks`) masks heads (SPEC 3.5): z and the x
         conv pre-activation (= conv weight and bias) are multiplied by the channel mask, so masked
         heads carry x = 0 and y = 0; the gated group-norm gets the eps/scale correction."""
         cfg = self.cfg
@@ -87,12 +89,12 @@ class Mamba2Mixer(nnx.Module):
         bc = linear(u, self.in_proj_bc[...])
         dt_raw = linear(u, self.in_proj_dt[...])
 
-        head_mask = None if masks is None else masks.get("mamba")
+        head_mask = masks
         bias = lambda v: None if v is None else v[...]  # noqa: E731
         xs = causal_depthwise_conv(xs, self.conv_x_weight[...], bias(self.conv_x_bias), segment_ids)
         if head_mask is not None:
-            z = z * head_mask["mask"].astype(z.dtype)
-            xs = xs * head_mask["mask"]
+            z = z * head_mask.mask.astype(z.dtype)
+            xs = xs * head_mask.mask
         xs = jax.nn.silu(xs)
         bc = jax.nn.silu(causal_depthwise_conv(bc, self.conv_bc_weight[...], bias(self.conv_bc_bias), segment_ids))
         B, C = jnp.split(bc.reshape(b, L, 2 * G, N), 2, axis=2)
@@ -102,8 +104,8 @@ class Mamba2Mixer(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         y, _ = ssd(xs.reshape(b, L, h, P), dt, A, B, C, self.D[...], chunk_size=cfg.chunk_size,
                    segment_ids=segment_ids, impl=cfg.ssd_impl,
-                   head_limit=None if head_mask is None else head_mask.get("head_limit"))
+                   head_limit=None if head_mask is None else head_mask.head_limit)
         g = gated_group_rms_norm(y.reshape(b, L, h * P), z, self.norm_weight[...], G, cfg.layer_norm_epsilon,
-                                 None if head_mask is None else head_mask["norm"])
+                                 None if head_mask is None else head_mask.norm)
         return linear(g.astype(u.dtype), self.out_proj[...])
 

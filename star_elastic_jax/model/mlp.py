@@ -20,9 +20,10 @@ class MLP(nnx.Module):
         self.up_proj = logical(normal(rngs, (width, hidden), std, param_dtype), (axis_name, "embed"))
         self.down_proj = logical(normal(rngs, (hidden, width), std, param_dtype), ("embed", axis_name))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks=None) -> jax.Array:
+        """``masks``: :class:`~star_elastic_jax.model.masks.MLPMasks` (fc1 output channels)."""
         del segment_ids  # token-wise
         hid = linear(x, self.up_proj[...])
-        if masks is not None and "ffn" in masks:
-            hid = hid * masks["ffn"].astype(hid.dtype)
+        if masks is not None:
+            hid = hid * masks.ffn.astype(hid.dtype)
         return linear(relu2(hid), self.down_proj[...])

@@ -9,6 +9,7 @@ from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.errors import DataError
 from star_elastic_jax.kernels.ssd import document_starts
 from star_elastic_jax.model.attention import Attention
+from star_elastic_jax.model.masks import BlockMasks, ElasticMasks, HiddenMasks
 from star_elastic_jax.model.mamba2 import Mamba2Mixer
 from star_elastic_jax.model.mlp import MLP
 from star_elastic_jax.model.moe import MoE
@@ -35,16 +36,16 @@ class Block(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, param_dtype=param_dtype)
         self.mixer = make_mixer(cfg, index, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, hidden: dict | None = None,
-                 masks: dict | None = None) -> jax.Array:
-        """``hidden = {"mask": [H], "norm": [2]}`` masks the block's input and output channels and
-        corrects its pre-norm; ``masks`` are the block's own axis masks (see elastic.masks)."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, hidden: HiddenMasks | None = None,
+                 masks: BlockMasks | None = None) -> jax.Array:
+        """``hidden`` masks the block's input and output channels and corrects its pre-norm;
+        ``masks`` are the block's own: its depth ``keep`` weight and its mixer's masks."""
         if hidden is None:
             return x + self.mixer(self.norm(x), segment_ids)
-        m = hidden["mask"].astype(x.dtype)
-        out = self.mixer(self.norm(x * m, hidden["norm"]), segment_ids, masks) * m
-        if masks is not None and "keep" in masks:
-            out = out * masks["keep"].astype(out.dtype)
+        m = hidden.mask.astype(x.dtype)
+        out = self.mixer(self.norm(x * m, hidden.norm), segment_ids, None if masks is None else masks.mixer) * m
+        if masks is not None:
+            out = out * masks.keep.astype(out.dtype)
         return x + out
 
 
@@ -80,25 +81,23 @@ class NemotronH(nnx.Module):
         masks = self.elastic_masks(elastic)
         cdt = jnp.dtype(self.cfg.compute_dtype)
         x = jnp.take(self.embeddings[...], tokens, axis=0).astype(cdt)
-        hidden = None if masks is None else masks["hidden"]
+        hidden = None if masks is None else masks.hidden
         if hidden is not None:
-            x = x * hidden["mask"].astype(cdt)  # masked == sliced needs the embedding output masked too
+            x = x * hidden.mask.astype(cdt)  # masked == sliced needs the embedding output masked too
         for i, layer in enumerate(self.layers):
-            x = layer(x, segment_ids, hidden, None if masks is None else masks["layers"][i])
-        x = self.norm_f(x, None if hidden is None else hidden["norm"])
+            x = layer(x, segment_ids, hidden, None if masks is None else masks.layers[i])
+        x = self.norm_f(x, None if hidden is None else hidden.norm)
         return jnp.einsum("bld,vd->blv", x, self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32)
 
 
-    def elastic_masks(self, elastic):
-        """Normalise the ``elastic`` argument to an ElasticMasks pytree (or None)."""
-        if elastic is None or isinstance(elastic, dict):
+    def elastic_masks(self, elastic) -> ElasticMasks | None:
+        """Normalise the ``elastic`` argument to an :class:`ElasticMasks` pytree (or None). A choice
+        (anything with ``masks(cfg, depth_order=...)``, i.e. an ``ElasticChoice``) builds its own."""
+        if elastic is None or isinstance(elastic, ElasticMasks):
             return elastic
-        from star_elastic_jax.elastic.choice import ElasticChoice
-        from star_elastic_jax.elastic.masks import masks_from_choice
-
-        if isinstance(elastic, ElasticChoice):
-            return masks_from_choice(self.cfg, elastic, depth_order=self.depth_order)
-        raise DataError("elastic", type(elastic).__name__, "an ElasticChoice, an ElasticMasks dict, or None")
+        if callable(getattr(elastic, "masks", None)):
+            return elastic.masks(self.cfg, depth_order=self.depth_order)
+        raise DataError("elastic", type(elastic).__name__, "an ElasticChoice, an ElasticMasks, or None")
 
 
 def check_tokens(tokens, segment_ids, cfg: ModelConfig) -> None:

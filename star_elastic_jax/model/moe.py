@@ -8,6 +8,7 @@ from flax import nnx
 
 from star_elastic_jax.config import LayerSizes, ModelConfig
 from star_elastic_jax.kernels.moe.expert_parallel import routed_expert_ffn
+from star_elastic_jax.model.masks import MoEMasks
 from star_elastic_jax.model.mlp import MLP
 from star_elastic_jax.model.params import Buffer, logical, normal
 
@@ -56,14 +57,14 @@ class MoE(nnx.Module):
         self.shared_experts = MLP(H, cfg.moe_shared_expert_intermediate_size, std=std, rngs=rngs,
                                   param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, masks: MoEMasks | None = None
+                 ) -> jax.Array:
         del segment_ids  # token-wise
-        masks = masks or {}
+        masks = MoEMasks(experts=None, ffn=None) if masks is None else masks
         b, L, H = x.shape
         flat = x.reshape(b * L, H)
-        idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg,
-                             masks.get("experts"))
+        idx, weights = route(flat, self.gate_weight[...], self.e_score_correction_bias[...], self.cfg, masks.experts)
         routed = routed_expert_ffn(flat, idx, weights, self.experts_up[...], self.experts_down[...],
-                                   impl=self.cfg.moe_impl, ffn_mask=masks.get("ffn"),
-                                   k_limit=masks.get("hidden_limit"), ffn_limit=masks.get("ffn_limit"))
+                                   impl=self.cfg.moe_impl, ffn_mask=masks.ffn, k_limit=masks.hidden_limit,
+                                   ffn_limit=masks.ffn_limit)
         return routed.astype(x.dtype).reshape(b, L, H) + self.shared_experts(x)

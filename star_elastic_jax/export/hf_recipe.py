@@ -13,9 +13,11 @@ Recipe (``config.json["elastic"]["recipe"]``)::
      "tensors": [                                       # on-disk order
        {"key": "backbone.layers.{layer}.mixer.in_proj.weight",   # template: {layer} (and {expert})
         "layer": 0,                                     # block index, null for global tensors
-        "experts": null,                                # or {"axis": "experts", "layer": i, "count": E}:
-                                                        #   the key stands for E tensors {expert}=0..E-1;
-                                                        #   a slice keeps the first size(axis, layer)
+        "experts": null,                                # or {"axis": "experts", "layer": i, "count": E,
+                                                        #     "groups": G}: the key stands for E tensors
+                                                        #   {expert}=0..E-1 in G equal contiguous groups;
+                                                        #   a size c keeps the first c/G of every group,
+                                                        #   renumbered 0..c-1 in order
         "shape": [328, 64],                             # full shape of each such tensor
         "dims": [                                       # one segment list per dim of the tensor
           [{"length": 128, "axis": "mamba_heads", "unit": 16, "groups": 2, "layer": 0},   # z
@@ -27,7 +29,9 @@ Recipe (``config.json["elastic"]["recipe"]``)::
 A dim is the concatenation of its segments. A segment with an axis holds ``length / unit`` units
 in ``groups`` equal groups, ``unit`` consecutive channels per unit; a size ``c`` keeps the first
 ``c / groups`` units of every group (the grouped prefix of ``axes.kept_units``). ``layer`` says
-which block's size applies (null: the axis is global, i.e. ``hidden``).
+which block's size applies (null: the axis is global, i.e. ``hidden``). Per-expert keys follow the
+same rule over the expert index (``groups``: the routing groups, ``n_group``); a recipe without
+``experts.groups`` means one group (a plain prefix).
 
 Budgets (``config.json["elastic"]["budgets"][name]``) carry, besides the choice and counts, the
 resolved sizes the slicer reads: ``"sizes": {"hidden": int, axis: [size or null per block]}``
@@ -46,7 +50,7 @@ from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
 from star_elastic_jax.elastic.slicing import sliced_config
 from star_elastic_jax.errors import ConfigError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: per-expert entries carry their routing groups
 LAYER_FIELD = "{layer}"
 EXPERT_FIELD = "{expert}"
 
@@ -56,18 +60,12 @@ def size_fields() -> dict[str, str]:
     return {name: ax.size_field for name, ax in AXES.items()}
 
 
-def axes_description() -> dict[str, dict[str, Any]]:
-    """JSON description of the axes table (axis -> size/groups/layer fields, block kinds)."""
-    return {name: {"size_field": ax.size_field, "groups_field": ax.groups_field,
-                   "layer_field": ax.layer_field or None, "kinds": ax.kinds or None} for name, ax in AXES.items()}
-
-
 def _leaf_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
     from flax import nnx
 
-    from star_elastic_jax.model.model import NemotronH
+    from star_elastic_jax.model.model import abstract_model
 
-    abstract = nnx.eval_shape(lambda: NemotronH(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     return {tuple(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
 
 
@@ -109,7 +107,8 @@ def build_recipe(cfg: ModelConfig) -> dict[str, Any]:
         if entry.expert is not None:
             cut = _cut(table, entry.paths[0], 0)
             n = shapes[entry.paths[0]][0]
-            experts = {"axis": None if cut is None else cut[0], "layer": layer, "count": n}
+            experts = {"axis": None if cut is None else cut[0], "layer": layer, "count": n,
+                       "groups": 1 if cut is None else AXES[cut[0]].groups(cfg)}
             leaf_dims_of_hf = leaf_dims_of_hf[1:]
         hf_dims: list[int | None] = list(leaf_dims_of_hf)
         for d in km.hf_extra_dims:
