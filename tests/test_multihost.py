@@ -152,10 +152,12 @@ def test_flags():
 
 
 def test_main_single_process_without_command(monkeypatch, capsys):
+    from star_elastic_jax.launcher import main as launcher_main  # the entry above distributed and the CLI
+
     for k in dist.ENV_VARS + dist.TPU_ENV_VARS + tuple(SLURM):
         monkeypatch.delenv(k, raising=False)
-    assert dist.main(["--no-auto"]) == 0
-    assert dist.main(["--num-processes", "2", "--process-id", "0"]) == 2  # no coordinator: a clear error
+    assert launcher_main(["--no-auto"]) == 0
+    assert launcher_main(["--num-processes", "2", "--process-id", "0"]) == 2  # no coordinator: a clear error
     assert "coordinator_address" in capsys.readouterr().err
 
 
