@@ -252,10 +252,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from star_elastic_jax.train.trainer import check_workdir
 
-    if args.stop_after is not None and args.stop_after < 1:
-        raise StarElasticError("--stop-after", args.stop_after, "a positive number of elastic KD steps")
-    if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
-        check_workdir(args.workdir, args.stop_after)  # the one-line error, before any setup
+    check_workdir(args.workdir, args.stop_after)  # --workdir / --stop-after errors before any setup
     initialize()  # multi-host: coordinator/process from STAR_ELASTIC_*, SLURM or TPU; no-op for one process
     config = apply_overrides(load_config_file(args.config), args.overrides or [])
     cfg = from_config_dict(config)
