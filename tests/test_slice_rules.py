@@ -66,3 +66,42 @@ def test_the_cli_prints_the_rule(ckpts, tmp_path, capsys):
     assert "exhaustive search" in capsys.readouterr().out
     assert main(["slice", "--ckpt", str(ckpts["with"]), "--budget", "0.577", "--out", str(tmp_path / "c")]) == 0
     assert "stored in the checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("budget", ["0.78", "explicit"])
+def test_a_slice_resolves_its_choice_once(ckpts, tmp_path, monkeypatch, budget):
+    """The chosen budget is validated and expanded exactly once per slice (issue 10, item 2): a stored
+    one when the checkpoint's metadata is read, an explicit one after; the resolved value flows to
+    the HF pre-check, the array slicer and the marker. (Reading the checkpoint also checks its
+    choice lists, one single-axis choice per entry: those are other choices.)"""
+    import star_elastic_jax.elastic.choice as choice_mod
+    import star_elastic_jax.export.elastic as export_mod
+
+    calls = []
+    real = choice_mod.resolve_choice
+
+    def counting(cfg, choice, **kw):
+        calls.append(choice)
+        return real(cfg, choice, **kw)
+
+    monkeypatch.setattr(choice_mod, "resolve_choice", counting)
+    monkeypatch.setattr(export_mod, "resolve_choice", counting)
+    target = sej.ElasticChoice(hidden=48, mamba_heads=4, experts=3, expert_ffn=16) if budget == "explicit" else budget
+    for hf in (False, True):
+        calls.clear()
+        res = slice_checkpoint(ckpts["with"], target, tmp_path / f"s{hf}", hf=hf)
+        assert [c for c in calls if c == res.choice] == [res.choice], calls
+        assert len(calls) == 1 + 3 + sum(len(v) for v in LISTS.values()) - (budget != "explicit"), calls
+
+
+def test_a_resolved_choice_from_another_config_is_refused():
+    from star_elastic_jax.elastic.choice import ensure_resolved
+    from star_elastic_jax.errors import ChoiceError
+
+    import dataclasses
+
+    other = dataclasses.replace(CFG, hybrid_override_pattern="M*")
+    r = sej.ElasticChoice(hidden=48).resolve(CFG)
+    assert ensure_resolved(CFG, r) is r
+    with pytest.raises(ChoiceError, match="another config"):
+        ensure_resolved(other, r)

@@ -40,6 +40,7 @@ class ElasticInfo:
     format_version: int
     permuted: bool = True
     router_config: dict | None = None   # the trained budget router's RouterConfig fields, when stored
+    resolved: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # name -> ResolvedChoice
 
 
 @dataclasses.dataclass
@@ -159,13 +160,13 @@ def read_elastic(directory: str | os.PathLike, *, verify: bool = True) -> Elasti
     raw = block.get("budgets")
     if not isinstance(raw, dict):
         raise CheckpointError("elastic.budgets", raw, "an object {name: choice}")
-    budgets = {}
+    budgets, resolved = {}, {}
     for name, data in raw.items():
         if not isinstance(data, dict):
             raise CheckpointError(f"elastic.budgets[{name!r}]", data, "a choice object {axis: size}")
         try:
             choice = ElasticChoice.from_dict(data)
-            choice.resolve(cfg, depth_order=depth_order)
+            resolved[name] = choice.resolve(cfg, depth_order=depth_order)
         except (ChoiceError, TypeError) as e:
             raise CheckpointError(f"elastic.budgets[{name!r}]", data, f"is not a valid choice ({e})") from None
         budgets[name] = choice
@@ -178,7 +179,7 @@ def read_elastic(directory: str | os.PathLike, *, verify: bool = True) -> Elasti
         raise CheckpointError("elastic.router_config", router_config, "an object of RouterConfig fields or null")
     return ElasticInfo(path=directory, cfg=cfg, budgets=budgets, choice_lists=lists, depth_order=depth_order,
                        format_version=version, permuted=bool(block.get("permuted", True)),
-                       router_config=router_config)
+                       router_config=router_config, resolved=resolved)
 
 
 def load_elastic(directory: str | os.PathLike, *, verify: bool = True, allow_nonfinite: bool = False

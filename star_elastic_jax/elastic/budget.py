@@ -15,7 +15,7 @@ import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 from star_elastic_jax.config import ModelConfig, ParamCount, count_params
-from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
+from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, ensure_resolved
 from star_elastic_jax.errors import ChoiceError
 
 HOMOGENEOUS_AXES = ("hidden", "mamba_heads", "attn_heads", "experts", "expert_ffn", "mlp_ffn")
@@ -68,10 +68,10 @@ def budget_name(b: float) -> str:
     return s if "." in s else s + ".0"
 
 
-def choice_param_count(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: Sequence[int] | None = None
-                       ) -> ParamCount:
+def choice_param_count(cfg: ModelConfig, choice: ElasticChoice | ResolvedChoice, *,
+                       depth_order: Sequence[int] | None = None) -> ParamCount:
     """Exact total/active parameters of the sub-model ``choice`` selects (equals its sliced model's)."""
-    r = resolve_choice(cfg, choice, depth_order=depth_order)
+    r = ensure_resolved(cfg, choice, depth_order=depth_order)
     return count_params(cfg, r.layer_sizes, hidden=r.hidden, keep=r.keep)
 
 

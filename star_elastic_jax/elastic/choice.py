@@ -72,10 +72,29 @@ class ResolvedChoice:
     hidden: int
     layer_sizes: tuple[LayerSizes, ...]
     keep: tuple[bool, ...]
+    choice: ElasticChoice | None = dataclasses.field(default=None, compare=False)  # what it was resolved from
+
+    def is_full(self, axis: str, cfg: ModelConfig) -> bool:
+        """Whether every block of a per-layer ``axis`` keeps its full size."""
+        return all(v == full_size(cfg, axis, i) for i, v in zip(layers_of(cfg, axis), self.sizes_of(axis, cfg)))
 
     def sizes_of(self, axis: str, cfg: ModelConfig) -> list[int]:
         """Per-block sizes of a per-layer axis, for the blocks of its type (kept or not)."""
         return [getattr(self.layer_sizes[i], AXES[axis].layer_field) for i in layers_of(cfg, axis)]
+
+
+def ensure_resolved(cfg: ModelConfig, choice: "ElasticChoice | ResolvedChoice", *,
+                    depth_order: Sequence[int] | None = None) -> ResolvedChoice:
+    """``choice`` as a :class:`ResolvedChoice`: an already resolved one passes through (checked to
+    belong to ``cfg``), an :class:`ElasticChoice` is resolved. Every consumer of a choice takes
+    either, so an entry point resolves a budget once and hands the result down."""
+    if isinstance(choice, ResolvedChoice):
+        if len(choice.layer_sizes) != cfg.num_hidden_layers or not 1 <= choice.hidden <= cfg.hidden_size:
+            raise ChoiceError("elastic", "ResolvedChoice", f"was resolved against another config (it has "
+                                         f"{len(choice.layer_sizes)} blocks and hidden={choice.hidden}; this "
+                                         f"config has {cfg.num_hidden_layers} and hidden_size={cfg.hidden_size})")
+        return choice
+    return resolve_choice(cfg, choice, depth_order=depth_order)
 
 
 def _check_int(axis: str, value: Any, where: str = "") -> int:
@@ -124,7 +143,7 @@ def resolve_choice(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: Sequ
                                                   f"a permutation of range({n}), got {depth_order!r}")
             for i in list(depth_order)[: n - depth]:
                 keep[i] = False
-    return ResolvedChoice(hidden=hidden, layer_sizes=tuple(sizes), keep=tuple(keep))
+    return ResolvedChoice(hidden=hidden, layer_sizes=tuple(sizes), keep=tuple(keep), choice=choice)
 
 
 def _validate_size(cfg: ModelConfig, axis: str, layer: int, v: int, where: str, align: int | None) -> None:

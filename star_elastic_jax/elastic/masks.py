@@ -37,7 +37,7 @@ import numpy as np
 
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES, full_size, layers_of, unit_prefix_mask
-from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
+from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, ensure_resolved
 from star_elastic_jax.errors import ChoiceError
 from star_elastic_jax.model.masks import (AttentionMasks, BlockMasks, ElasticMasks, HiddenMasks, MambaMasks,
                                           MLPMasks, MoEMasks)
@@ -107,15 +107,16 @@ def _per_layer(sizes) -> bool:
     return len(sizes) > 0 and isinstance(sizes[0], (list, tuple, np.ndarray))
 
 
-def masks_from_choice(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: Sequence[int] | None = None
-                      ) -> ElasticMasks:
-    """Hard 0/1 masks of a validated choice (multiplier 1, SPEC 3.5 eval/slicing mode)."""
-    r = resolve_choice(cfg, choice, depth_order=depth_order)
+def masks_from_choice(cfg: ModelConfig, choice: ElasticChoice | ResolvedChoice, *,
+                      depth_order: Sequence[int] | None = None) -> ElasticMasks:
+    """Hard 0/1 masks of a choice, resolved or not (multiplier 1, SPEC 3.5 eval/slicing mode).
+    Axes kept full get no mask; the kernel limits are always set."""
+    r = ensure_resolved(cfg, choice, depth_order=depth_order)
     mix: dict[str, tuple] = {"hidden": ([r.hidden], [1.0])}
     for axis in PER_LAYER_AXES:
-        if getattr(choice, axis) is not None:
+        if not r.is_full(axis, cfg):
             mix[axis] = ([[c] for c in r.sizes_of(axis, cfg)], np.ones((len(layers_of(cfg, axis)), 1), np.float32))
-    keep = np.asarray(r.keep, np.float32) if choice.depth is not None else None
+    keep = None if all(r.keep) else np.asarray(r.keep, np.float32)
     masks = build_masks(cfg, mix, keep=keep)
     layers = list(masks.layers)
     for i, heads in zip(layers_of(cfg, "mamba_heads"), r.sizes_of("mamba_heads", cfg)):

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES, full_size, leaf_dims
-from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, resolve_choice
+from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, ensure_resolved
 
 Path = tuple
 
@@ -49,10 +49,11 @@ def sliced_config(cfg: ModelConfig, r: ResolvedChoice) -> ModelConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def slice_params(cfg: ModelConfig, params: Mapping[Path, Any], choice: ElasticChoice, *,
+def slice_params(cfg: ModelConfig, params: Mapping[Path, Any], choice: ElasticChoice | ResolvedChoice, *,
                  depth_order: Sequence[int] | None = None) -> tuple[ModelConfig, dict[Path, Any]]:
-    """Slice a flat ``{nnx path: array}`` dict to ``choice``. Returns ``(new_cfg, new_params)``."""
-    r = resolve_choice(cfg, choice, depth_order=depth_order)
+    """Slice a flat ``{nnx path: array}`` dict to ``choice`` (resolved or not). Returns
+    ``(new_cfg, new_params)``."""
+    r = ensure_resolved(cfg, choice, depth_order=depth_order)
     table = leaf_dims(cfg)
     renumber = {old: new for new, old in enumerate(i for i, k in enumerate(r.keep) if k)}
     out: dict[Path, Any] = {}
@@ -81,7 +82,7 @@ def sliced_depth_order(depth_order: Sequence[int] | None, keep: Sequence[bool]) 
     return tuple(renumber[i] for i in depth_order if i in renumber)
 
 
-def slice_model(model, choice: ElasticChoice):
+def slice_model(model, choice: ElasticChoice | ResolvedChoice):
     """A physically smaller :class:`NemotronH` holding exactly the sub-model ``choice`` selects."""
     from flax import nnx
 
@@ -92,6 +93,6 @@ def slice_model(model, choice: ElasticChoice):
 
     # On the host: basic numpy slicing compiles nothing (eager JAX slicing would compile per shape).
     params = {tuple(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(nnx.state(model))}
-    r = resolve_choice(model.cfg, choice, depth_order=model.depth_order)
-    new_cfg, new_params = slice_params(model.cfg, params, choice, depth_order=model.depth_order)
+    r = ensure_resolved(model.cfg, choice, depth_order=model.depth_order)
+    new_cfg, new_params = slice_params(model.cfg, params, r)
     return model_from_params(new_cfg, new_params, depth_order=sliced_depth_order(model.depth_order, r.keep))

@@ -6,8 +6,9 @@ built or compiled, and the source is only read.
 
 The budget's path through :func:`slice_checkpoint`: the name or fraction is resolved once
 (:func:`elastic.budget.resolve_budget_rule`: a stored name, the trained router within its trained
-budgets, else the exhaustive search) into an :class:`ElasticChoice`, which
-:func:`elastic.slicing.slice_params` cuts by the axes table.
+budgets, else the exhaustive search) into an :class:`ElasticChoice`, which is resolved once
+against the config (:func:`elastic.choice.resolve_choice`) into a :class:`ResolvedChoice` that the
+HF pre-check, :func:`elastic.slicing.slice_params` (the axes table) and the marker all read.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import numpy as np
 from star_elastic_jax.checkpoint.elastic import (FORMAT_VERSION, ROUTER_HF_FILE, ROUTER_STATE, ElasticInfo,
                                                  read_elastic, trained_router)
 from star_elastic_jax.config import ModelConfig
-from star_elastic_jax.elastic.budget import ChoiceResolver, resolve_budget_rule
-from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
+from star_elastic_jax.elastic.budget import RULE_STORED, ChoiceResolver, resolve_budget_rule
+from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, resolve_choice
 from star_elastic_jax.errors import CheckpointError, ChoiceError
 
 
@@ -86,9 +87,13 @@ def slice_checkpoint(src: str | os.PathLike, budget: str | float | ElasticChoice
         choice, rule = budget, "explicit"
     else:
         choice, rule = resolve_budget_rule(info, budget, resolver=resolver or router_resolver(info, budget))
-    _precheck(info, choice, hf)
+    if rule == RULE_STORED:
+        resolved = info.resolved[budget]  # validated by read_elastic
+    else:
+        resolved = resolve_choice(info.cfg, choice, depth_order=info.depth_order)
+    _precheck(info, resolved, hf)
     _, params = load_params(src, verify=False, allow_nonfinite=allow_nonfinite)
-    res = _write_slice(info, _numpy_params(params), choice, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
+    res = _write_slice(info, _numpy_params(params), resolved, out, hf=hf, dtype=dtype, max_shard_size=max_shard_size,
                        label=None if explicit else budget, overwrite=overwrite)
     return dataclasses.replace(res, rule=rule)
 
@@ -112,25 +117,23 @@ def router_resolver(info: ElasticInfo, budget: str | float) -> ChoiceResolver | 
     return None if router is None else (lambda cfg, f: router.choice(f))
 
 
-def _precheck(info: ElasticInfo, choice: ElasticChoice, hf: bool) -> None:
+def _precheck(info: ElasticInfo, r: ResolvedChoice, hf: bool) -> None:
     from star_elastic_jax.elastic.slicing import sliced_config
 
-    r = resolve_choice(info.cfg, choice, depth_order=info.depth_order)
     if hf:
         sliced_config(info.cfg, r).to_hf()  # heterogeneous -> ConfigError naming per_layer
 
 
-def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: ElasticChoice, out: str, *,
+def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], r: ResolvedChoice, out: str, *,
                  hf: bool, dtype: str | None, max_shard_size: int | str = "5GB", label=None,
                  overwrite: bool = False) -> SliceResult:
     from star_elastic_jax.checkpoint.hf import params_to_hf
     from star_elastic_jax.checkpoint.orbax import save_params
     from star_elastic_jax.elastic.slicing import slice_params, sliced_depth_order
 
-    r = resolve_choice(info.cfg, choice, depth_order=info.depth_order)
-    new_cfg, new_params = slice_params(info.cfg, params, choice, depth_order=info.depth_order)
+    new_cfg, new_params = slice_params(info.cfg, params, r)
     marker = {"format_version": FORMAT_VERSION, "sliced": True, "budget": None if label is None else str(label),
-              "choice": choice.to_dict()}
+              "choice": r.choice.to_dict()}
     if hf:
         params_to_hf(new_cfg, new_params, out, dtype, max_shard_size=max_shard_size,
                      extra_config={"elastic": marker}, overwrite=overwrite)
@@ -139,7 +142,7 @@ def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], choice: Ela
         marker["depth_order"] = None if depth is None else list(depth)
         save_params(new_cfg, _cast(new_params, new_cfg, dtype), out,
                     metadata={"source": info.path, "elastic_slice": marker}, overwrite=overwrite)
-    return SliceResult(out=out, choice=choice, cfg=new_cfg,
+    return SliceResult(out=out, choice=r.choice, cfg=new_cfg,
                        active_fraction=new_cfg.param_count().active / info.cfg.param_count().active)
 
 
@@ -207,10 +210,9 @@ def measure_storage(src: str | os.PathLike, budgets: Mapping[str, ElasticChoice 
     from star_elastic_jax.checkpoint.orbax import load_params
 
     info = read_elastic(src, verify=verify)
-    choices = {label: b if isinstance(b, ElasticChoice) else resolve_budget_rule(info, b)[0]
+    choices = {label: resolve_choice(info.cfg, b if isinstance(b, ElasticChoice) else resolve_budget_rule(info, b)[0],
+                                     depth_order=info.depth_order)
                for label, b in budgets.items()}
-    for c in choices.values():
-        _precheck(info, c, hf=False)
     nested = dir_bytes(info.path)
     _, params = load_params(info.path, verify=verify)
     params = _numpy_params(params)

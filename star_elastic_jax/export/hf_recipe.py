@@ -46,7 +46,7 @@ from typing import Any, Sequence
 from star_elastic_jax.checkpoint.hf_keys import ONDISK_LAYER_PREFIX, entries
 from star_elastic_jax.config import ModelConfig
 from star_elastic_jax.elastic.axes import AXES, PER_LAYER_AXES, WIDTH_AXES, LeafDim, layers_of, leaf_dims
-from star_elastic_jax.elastic.choice import ElasticChoice, resolve_choice
+from star_elastic_jax.elastic.choice import ElasticChoice, ResolvedChoice, ensure_resolved
 from star_elastic_jax.elastic.slicing import sliced_config
 from star_elastic_jax.errors import ConfigError
 
@@ -139,12 +139,12 @@ def hf_config_fields(cfg: ModelConfig) -> dict[str, Any]:
     return fields
 
 
-def budget_entry(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: Sequence[int] | None = None
-                 ) -> dict[str, Any]:
+def budget_entry(cfg: ModelConfig, choice: ElasticChoice | ResolvedChoice, *,
+                 depth_order: Sequence[int] | None = None) -> dict[str, Any]:
     """What the slicer needs for one budget (see the module docstring)."""
     from star_elastic_jax.config import count_params
 
-    r = resolve_choice(cfg, choice, depth_order=depth_order)
+    r = ensure_resolved(cfg, choice, depth_order=depth_order)
     sub = sliced_config(cfg, r)
     pc = count_params(cfg, r.layer_sizes, hidden=r.hidden, keep=r.keep)
     sizes: dict[str, Any] = {"hidden": r.hidden}
@@ -154,6 +154,6 @@ def budget_entry(cfg: ModelConfig, choice: ElasticChoice, *, depth_order: Sequen
             per[i] = int(getattr(r.layer_sizes[i], AXES[axis].layer_field))
         sizes[axis] = per
     assert set(sizes) == set(WIDTH_AXES)
-    return {"choice": choice.to_dict(), "config": hf_config_fields(sub), "sizes": sizes,
+    return {"choice": r.choice.to_dict(), "config": hf_config_fields(sub), "sizes": sizes,
             "keep_layers": [i for i, k in enumerate(r.keep) if k], "hf_exportable": sub.per_layer is None,
             "total_params": pc.total, "active_params": pc.active}
