@@ -25,8 +25,11 @@ _EXPORTS = {
     "slice_model": "star_elastic_jax.elastic.slicing",
     "save_elastic": "star_elastic_jax.checkpoint.elastic",
     "load_elastic": "star_elastic_jax.checkpoint.elastic",
+    "generate": "star_elastic_jax.infer.engine",
+    "Engine": "star_elastic_jax.infer.engine",
+    "cache_bytes": "star_elastic_jax.infer.cache",
 }
-_SUBMODULES = ("elastic", "checkpoint", "model", "kernels", "config", "errors")
+_SUBMODULES = ("elastic", "checkpoint", "model", "kernels", "config", "errors", "infer")
 
 __all__ = sorted(_EXPORTS) + ["elastic"]
 
@@ -55,4 +58,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from star_elastic_jax.elastic.slicing import slice_model  # noqa: F401
     from star_elastic_jax.errors import (  # noqa: F401
         CheckpointError, ChoiceError, ConfigError, DataError, StarElasticError)
+    from star_elastic_jax.infer.cache import cache_bytes  # noqa: F401
+    from star_elastic_jax.infer.engine import Engine, generate  # noqa: F401
     from star_elastic_jax.model import NemotronH  # noqa: F401
