@@ -36,6 +36,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     rows = _info_rows(args, cfg, info)
     if rows:
         _print_budgets(args, cfg, info, rows)
+    from star_elastic_jax.report import cache_table
+
+    print()
+    print(cache_table(cfg, rows, depth_order=None if info is None else info.depth_order))
     return 0
 
 
@@ -129,6 +133,83 @@ def _flag_far_budgets(cfg, rows, asked: dict, depth_order) -> None:
             print(f"warning: budget {label} -> active fraction {got:.4f}, {abs(got - asked[label]) * 100:.1f} points "
                   f"from the asked {asked[label]:g}: the choice lists allow nothing closer (pass --choice-lists with "
                   "finer sizes, or --choices)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic_jax.elastic.budget import parse_fraction
+    from star_elastic_jax.infer.loading import load_engine
+    from star_elastic_jax.infer.sampling import validate_sampling
+
+    prompts = _read_prompts(args)
+    validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p)  # before loading anything
+    if args.max_new_tokens < 1:
+        raise StarElasticError("--max-new-tokens", args.max_new_tokens, "an integer >= 1")
+    engine = load_engine(args.ckpt, verify=not args.no_verify)
+    budget = args.budget
+    if budget is not None and budget not in engine.budgets:
+        budget = parse_fraction(budget, "--budget", names=tuple(engine.budgets))
+    tok = engine.tokenizer
+    kw = dict(elastic=budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, seed=args.seed)
+    ids, lens = engine.encode_prompts(prompts)
+    if args.stream:
+        print(f"[{len(prompts)} prompt(s), streaming]", file=sys.stderr)
+        done = [""] * len(prompts)
+        gen = [[] for _ in prompts]
+        for chunk in engine.stream(ids, args.max_new_tokens, lengths=lens, stream_chunk=args.stream_chunk, **kw):
+            for b, row in enumerate(chunk.tolist()):
+                gen[b] += row
+                text = tok.decode(gen[b])
+                if len(prompts) == 1:
+                    sys.stdout.write(text[len(done[b]):])
+                    sys.stdout.flush()
+                done[b] = text
+        if len(prompts) == 1:
+            print()
+        texts = done
+    else:
+        out = engine.generate(ids, args.max_new_tokens, lengths=lens, **kw)
+        texts = [tok.decode(out[b, int(lens[b]):].tolist()) for b in range(len(prompts))]
+    if not (args.stream and len(prompts) == 1):
+        for p, t in zip(prompts, texts):
+            print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False) if args.prompts else t)
+    s = engine.stats
+    print(f"budget {args.budget or 'full'}: prefill {s.prompt_tokens} tokens in {s.prefill_s:.3f}s "
+          f"({s.prefill_tok_s:.1f} tok/s, compile included on first use); decode {s.new_tokens} tokens in "
+          f"{s.decode_s:.3f}s ({s.decode_tok_s:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt TEXT, or --prompts FILE.jsonl (one {"prompt": ...} object or JSON string per line)."""
+    import json
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise StarElasticError("--prompt/--prompts", None, "give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    if args.prompt is not None:
+        if not args.prompt:
+            raise StarElasticError("--prompt", "", "must not be empty")
+        return [args.prompt]
+    out = []
+    with open(args.prompts, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StarElasticError(f"--prompts line {n}", line.strip()[:60], f"a JSON object or string ({e})"
+                                       ) from None
+            text = rec.get("prompt") if isinstance(rec, dict) else rec
+            if not isinstance(text, str) or not text:
+                raise StarElasticError(f"--prompts line {n}", line.strip()[:60],
+                                       'a non-empty JSON string or {"prompt": "..."}')
+            out.append(text)
+    if not out:
+        raise StarElasticError("--prompts", args.prompts, "holds no prompt")
+    return out
 
 
 def _check_out(args: argparse.Namespace, out: str, field: str, *inputs: str) -> None:
@@ -378,6 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint frequency may always change")
     _add_read_args(tr, nonfinite=False)
     tr.set_defaults(func=_cmd_train, overrides=[])
+
+    ge = sub.add_parser("generate", help="generate text from a checkpoint at any budget (hybrid-cache engine)",
+                        description="Greedy or sampled generation from an elastic checkpoint (any stored budget or "
+                                    "fraction, on the parent's weights), a plain Orbax checkpoint or an HF "
+                                    "directory. The tokenizer is the checkpoint's tokenizer.json, else the built-in "
+                                    "byte tokenizer. Reports prefill and decode tokens/s on stderr.")
+    ge.add_argument("--ckpt", required=True, metavar="DIR", help="elastic / Orbax checkpoint or HF directory")
+    ge.add_argument("--budget", default=None, metavar="NAME|FRACTION",
+                    help="a stored budget name or a fraction of active parameters (default: the full model)")
+    ge.add_argument("--prompt", default=None, metavar="TEXT", help="one prompt")
+    ge.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                    help='prompts, one per line: a JSON string or {"prompt": "..."}; prints one JSON line each')
+    ge.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=None)
+    ge.add_argument("--min-p", type=float, default=None)
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same tokens)")
+    ge.add_argument("--stream", action="store_true", help="print tokens as they come, in chunks")
+    ge.add_argument("--stream-chunk", type=int, default=8, metavar="N", help="decode steps per streamed chunk")
+    _add_read_args(ge, nonfinite=False)
+    ge.set_defaults(func=_cmd_generate)
 
     demo = sub.add_parser("demo", help="build the tiny model, run it, export to HF and compare with transformers",
                           description="End-to-end check on CPU: tiny preset -> forward -> HF export -> "

@@ -133,3 +133,18 @@ def measured_storage_summary(nested: int, sizes: dict) -> str:
     return (f"storage measured on disk: nested checkpoint {nested:,} B ({human_bytes(nested)}) vs separately sliced "
             f"checkpoints {separate:,} B ({human_bytes(separate)}: {per}) -> separate/nested = "
             f"{separate / nested:.2f}x")
+
+
+def cache_table(cfg: ModelConfig, rows=(), *, depth_order=None, seq_len: int | None = None) -> str:
+    """The generation cache per budget (exact, :func:`star_elastic_jax.infer.cache.cache_bytes_split`):
+    KV bytes per token, Mamba conv + SSM bytes per sequence, and one sequence of ``seq_len`` tokens
+    (default: ``min(max_position_embeddings, 8192)``)."""
+    from star_elastic_jax.infer.cache import cache_bytes_split
+
+    n = seq_len or min(cfg.max_position_embeddings, 8192)
+    out = [("budget", "KV / token", "Mamba state / seq", f"one {n}-token seq")]
+    for label, choice in [("full", None)] + [(lab, c) for lab, c in rows]:
+        per_tok, per_seq = cache_bytes_split(cfg, choice, depth_order=depth_order)
+        out.append((label, human_bytes(per_tok), human_bytes(per_seq), human_bytes(per_seq + n * per_tok)))
+    return (f"generation cache ({cfg.compute_dtype} KV and conv, {cfg.mamba_ssm_cache_dtype} SSM state):\n"
+            + format_table(out))

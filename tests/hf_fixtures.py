@@ -181,3 +181,18 @@ def random_model(cfg, seed: int, param_dtype=jnp.float32):
             new = 1.0 + 0.2 * noise
         var.set_value(jnp.asarray(new, dtype=dtype))
     return nnx.merge(graphdef, state)
+
+
+def write_word_tokenizer(path, words=("<pad>", "<s>", "</s>", "[UNK]", "hello", "world", "foo", "bar")):
+    """A word-level HF ``tokenizer.json`` at ``path`` (pad/bos/eos = 0/1/2, unknown words -> 3)."""
+    import pytest
+
+    pytest.importorskip("tokenizers")  # ships with transformers (the test extra)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens(["<pad>", "<s>", "</s>"])
+    t.save(str(path))
+    return path

@@ -29,6 +29,8 @@ from star_elastic_jax.data import (
 )
 from star_elastic_jax.errors import DataError
 
+from hf_fixtures import write_word_tokenizer
+
 L = 32
 
 
@@ -91,19 +93,8 @@ def test_byte_tokenizer_roundtrip_and_reserved_bytes():
     assert e.value.field == "text"
 
 
-def _write_hf_tokenizer(path, words=("<pad>", "<s>", "</s>", "[UNK]", "hello", "world", "foo", "bar")):
-    pytest.importorskip("tokenizers")  # ships with transformers (the test extra)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens(["<pad>", "<s>", "</s>"])
-    t.save(str(path))
-    return path
-
-
 def test_hf_tokenizer_and_pipeline(tmp_path):
-    path = _write_hf_tokenizer(tmp_path / "tokenizer.json")
+    path = write_word_tokenizer(tmp_path / "tokenizer.json")
     tok = load_tokenizer(str(tmp_path))  # a directory holding tokenizer.json
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == 8
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)

@@ -93,7 +93,8 @@ def _check_tree(name: str, tree: Any) -> None:
 
 def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, ElasticChoice], *,
                  choice_lists: Mapping[str, Sequence[int]] | None = None, router_state: Any = None,
-                 scores: Any = None, overwrite: bool = False, router_config: Any = None) -> str:
+                 scores: Any = None, overwrite: bool = False, router_config: Any = None,
+                 tokenizer: str | None = None) -> str:
     """Write ``model`` (the permuted parent) and its named budgets as ONE nested Orbax checkpoint.
 
     Every budget is validated against the model (``choice.resolve(cfg, depth_order=...)``) and the
@@ -102,6 +103,7 @@ def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, Elas
     ``overwrite``: as :func:`checkpoint.orbax.save_model` (only a checkpoint of ours is replaced).
     ``router_config``: the :class:`~star_elastic_jax.elastic.router.RouterConfig` of ``router_state``;
     with both stored, slicing a fraction that is not a stored budget asks the trained router.
+    ``tokenizer``: as :func:`~star_elastic_jax.checkpoint.orbax.save_model` (generation reads it).
     """
     from star_elastic_jax.outputs import check_output_dir
 
@@ -127,7 +129,7 @@ def save_elastic(model, directory: str | os.PathLike, budgets: Mapping[str, Elas
     }}
     extra = {ROUTER_STATE: router_state, SCORES_STATE: scores}
     return save_model(model, directory, metadata=meta, extra_state={k: v for k, v in extra.items() if v is not None},
-                      overwrite=overwrite)
+                      overwrite=overwrite, tokenizer=tokenizer)
 
 
 def _jsonable(router_config: Any) -> dict:

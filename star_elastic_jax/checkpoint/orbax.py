@@ -31,6 +31,7 @@ from star_elastic_jax.outputs import check_output_dir, seal
 
 CONFIG_NAME = "model_config.json"
 METADATA_NAME = "metadata.json"
+TOKENIZER_NAME = "tokenizer.json"   # an HF tokenizer saved with the checkpoint (metadata "tokenizer")
 STATE_DIR = "state"
 FORMAT = "star_elastic_jax.model/1"
 MANIFEST_KIND = "orbax-model"
@@ -44,20 +45,23 @@ def flat_params(model) -> dict[Path, Any]:
 
 
 def save_model(model, directory: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
-               extra_state: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+               extra_state: dict[str, Any] | None = None, overwrite: bool = False, tokenizer: str | None = None
+               ) -> str:
     """Save ``model`` (an ``NemotronH``) to ``directory`` atomically. Returns the directory.
 
     ``extra_state`` (name -> pytree of arrays, e.g. ``{"router": ...}``) is saved beside the model
     state in ``directory/<name>``, inside the same atomic write; read it with :func:`load_extra_state`.
     An existing non-empty ``directory`` is an :class:`OutputError` unless ``overwrite`` is set and it
-    holds only a checkpoint star_elastic_jax wrote.
+    holds only a checkpoint star_elastic_jax wrote. ``tokenizer``: ``"byte"`` or the path of a
+    ``tokenizer.json`` (copied in, listed in the manifest); recorded as metadata ``"tokenizer"`` and
+    read back by :func:`load_checkpoint_tokenizer`.
     """
-    return _save(model.cfg, flat_params(model), directory, metadata, extra_state, overwrite)
+    return _save(model.cfg, flat_params(model), directory, metadata, extra_state, overwrite, tokenizer)
 
 
 def save_params(cfg: ModelConfig, params: Mapping[Path, Any], directory: str | os.PathLike, *,
                 metadata: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, tokenizer: str | None = None) -> str:
     """Save a flat ``{nnx path: array}`` dict (jax or numpy arrays) as a model checkpoint of ``cfg``.
 
     The leaves must be exactly those of ``NemotronH(cfg)`` with its shapes and float dtypes (checked
@@ -65,11 +69,42 @@ def save_params(cfg: ModelConfig, params: Mapping[Path, Any], directory: str | o
     as :func:`save_model`, so :func:`load_model` / :func:`load_params` read it.
     """
     check_params(cfg, params)
-    return _save(cfg, params, directory, metadata, extra_state, overwrite)
+    return _save(cfg, params, directory, metadata, extra_state, overwrite, tokenizer)
 
 
-def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, extra_state, overwrite) -> str:
+def _check_tokenizer(tokenizer: str | None) -> str | None:
+    if tokenizer is None or tokenizer == "byte":
+        return tokenizer
+    path = os.fspath(tokenizer)
+    if not os.path.isfile(path):
+        raise CheckpointError("tokenizer", path, "'byte' or the path of an existing tokenizer.json")
+    return os.path.abspath(path)
+
+
+def load_checkpoint_tokenizer(directory: str | os.PathLike, *, verify: bool = True):
+    """The tokenizer saved with a checkpoint: its ``tokenizer.json`` (an Orbax checkpoint with
+    metadata ``"tokenizer"``, or an HF directory holding one), else the built-in byte tokenizer."""
+    from star_elastic_jax.data.tokenizers import ByteTokenizer, HFTokenizer
+
+    directory = os.fspath(directory)
+    name = None
+    if os.path.isfile(os.path.join(directory, METADATA_NAME)):
+        name = read_metadata(directory, verify=verify).get("tokenizer")
+    elif os.path.isfile(os.path.join(directory, TOKENIZER_NAME)):
+        name = TOKENIZER_NAME
+    if name in (None, "byte"):
+        return ByteTokenizer()
+    if name != TOKENIZER_NAME or not os.path.isfile(os.path.join(directory, name)):
+        raise CheckpointError("metadata.json:tokenizer", name, f"'byte' or {TOKENIZER_NAME!r} present in {directory}")
+    return HFTokenizer(os.path.join(directory, name))
+
+
+def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, extra_state, overwrite,
+          tokenizer: str | None = None) -> str:
     extra_state = dict(extra_state or {})
+    tokenizer = _check_tokenizer(tokenizer)
+    if tokenizer is not None:
+        metadata = {**(metadata or {}), "tokenizer": "byte" if tokenizer == "byte" else TOKENIZER_NAME}
     for name in extra_state:
         if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED_NAMES:
             raise CheckpointError("extra_state", name,
@@ -88,6 +123,8 @@ def _save(cfg: ModelConfig, params: Mapping[Path, Any], directory, metadata, ext
         if main:
             _write_json(os.path.join(tmp, CONFIG_NAME), {"format": FORMAT, "config": cfg.to_dict()})
             _write_json(os.path.join(tmp, METADATA_NAME), metadata or {})
+            if tokenizer not in (None, "byte"):
+                shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_NAME))
         barrier(f"written {directory}")  # every process's shards are in place before the digests
         if main:
             seal(tmp, MANIFEST_KIND)

@@ -141,9 +141,18 @@ def _write_slice(info: ElasticInfo, params: dict[tuple, np.ndarray], r: Resolved
         depth = sliced_depth_order(info.depth_order, r.keep)
         marker["depth_order"] = None if depth is None else list(depth)
         save_params(new_cfg, _cast(new_params, new_cfg, dtype), out,
-                    metadata={"source": info.path, "elastic_slice": marker}, overwrite=overwrite)
+                    metadata={"source": info.path, "elastic_slice": marker}, overwrite=overwrite,
+                    tokenizer=_source_tokenizer(info.path))
     return SliceResult(out=out, choice=r.choice, cfg=new_cfg,
                        active_fraction=new_cfg.param_count().active / info.cfg.param_count().active)
+
+
+def _source_tokenizer(src: str) -> str | None:
+    """The tokenizer a slice inherits: ``"byte"``, the source's ``tokenizer.json``, or None."""
+    from star_elastic_jax.checkpoint.orbax import TOKENIZER_NAME, read_metadata
+
+    name = read_metadata(src, verify=False).get("tokenizer")
+    return os.path.join(src, TOKENIZER_NAME) if name == TOKENIZER_NAME else name
 
 
 def export_elastic_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,

@@ -203,7 +203,8 @@ def save_final(cfg: TrainConfig, workdir: str, ts: TrainStep, state) -> tuple[st
     router_state = jax.tree.map(np.asarray, nnx.state(router, nnx.Param).to_pure_dict())
     path = save_elastic(model, os.path.join(workdir, ELASTIC_DIR), budgets,
                         choice_lists={a: list(s) for a, s in cfg.router.choice_lists}, router_state=router_state,
-                        router_config=cfg.router, overwrite=True)  # a rerun of a finished run rewrites its own output
+                        router_config=cfg.router, overwrite=True,  # a rerun of a finished run rewrites its own output
+                        tokenizer=cfg.data.tokenizer)  # generation decodes with the training tokenizer
     return path, budgets
 
 
