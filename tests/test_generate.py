@@ -262,3 +262,17 @@ def test_bad_input_is_refused_before_compiling(model, kwargs, field):
         engine.generate(call.pop("input_ids"), call.pop("max_new_tokens"), **call)
     assert isinstance(e.value, (DataError, ChoiceError)) and field in str(e.value)
     assert engine._compiled == {}
+
+
+def test_engine_steps_at_a_budget_equal_the_sliced_forward(model, np_rng):
+    engine = Engine(model, budgets=BUDGETS)
+    sub = sej.slice_model(model, BUDGETS["0.577"])
+    ids = np_rng.integers(0, CFG.vocab_size, (2, 9)).astype(np.int32)
+    nxt = np_rng.integers(0, CFG.vocab_size, 2).astype(np.int32)
+    logits, cache = engine.prefill(ids, lengths=[9, 5], elastic="0.577", max_len=12)
+    step, cache = engine.decode(nxt, cache, elastic="0.577")
+    for b, n in enumerate((9, 5)):
+        want = _forward_at(sub, np.concatenate([ids[b, :n], nxt[b:b + 1]]))
+        assert _rel(logits[b], want[n - 1]) <= REL and _rel(step[b], want[n]) <= REL
+    with pytest.raises(DataError, match="cache"):
+        engine.prefill(ids, cache=engine.new_cache(3, 12, elastic="0.577"), elastic="0.577")

@@ -17,4 +17,4 @@ _RUNTIME_FIELDS = ("compute_dtype", "dt_clamp_min", "ssd_impl", "moe_impl")
 # "auto": the Pallas kernel on GPU/TPU, the pure-JAX reference on CPU. MoE "reference" is the pure-JAX
 # sorted path of the backend (blocked on CPU, ragged_dot elsewhere); blocked/ragged/dense pin one.
 SSD_IMPLS = ("auto", "reference", "pallas")
-MOE_IMPLS = ("auto", "reference", "pallas", "blocked", "ragged", "dense")
+MOE_IMPLS = ("auto", "reference", "pallas", "blocked", "ragged", "dense", "gather")

@@ -173,6 +173,50 @@ class Engine:
         self._compiled[key] = fns
         return fns
 
+    # ------------------------------------------------------------------------------- single steps
+    def _steps(self, r: ResolvedChoice | None):
+        key = ("steps", r)
+        if key not in self._compiled:
+            cfg, build = self._view(r)
+            pre = jax.jit(lambda params, tokens, lengths, cache, seg, fresh: prefill(
+                build(params), tokens, lengths, cache, seg, fresh=fresh), static_argnums=(5,), donate_argnums=(3,))
+            dec = jax.jit(lambda params, tokens, cache: decode(build(params), tokens, cache), donate_argnums=(2,))
+            self._compiled[key] = (cfg, pre, dec)
+        return self._compiled[key]
+
+    def new_cache(self, batch: int, max_len: int, *, elastic=None) -> HybridCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens at budget ``elastic``."""
+        _check_positive("batch", batch)
+        _check_positive("max_len", max_len)
+        return init_cache(self._steps(self.resolve(elastic))[0], batch, max_len)
+
+    def prefill(self, input_ids, *, lengths=None, cache: HybridCache | None = None, elastic=None,
+                max_len: int | None = None, segment_ids=None):
+        """``(last-token logits [B, V] fp32, cache)``: the prompts (right-padded, ``lengths``) run
+        from ``cache`` (default: a new one of ``max_len``, default the prompt length) at budget
+        ``elastic``. ``cache`` is donated (consumed)."""
+        tokens, lens, seg = self._check_prompt(input_ids, lengths, segment_ids)
+        r = self.resolve(elastic)
+        cfg, pre, _ = self._steps(r)
+        fresh = cache is None
+        if fresh:
+            cache = init_cache(cfg, tokens.shape[0], max_len or tokens.shape[1])
+        elif cache.batch != tokens.shape[0]:
+            raise DataError("cache", f"batch {cache.batch}", f"the prompts' batch ({tokens.shape[0]})")
+        room = cache.max_len
+        if room is not None and int((np.asarray(cache.lengths) + lens).max()) > room:
+            raise DataError("input_ids", tuple(tokens.shape), f"the cache holds {room} positions per row")
+        return pre(self.params, jnp.asarray(tokens), jnp.asarray(lens), cache,
+                   None if seg is None else jnp.asarray(seg), fresh)
+
+    def decode(self, tokens, cache: HybridCache, *, elastic=None):
+        """``(logits [B, V] fp32, cache)`` after one token per row (``tokens [B]``) at budget
+        ``elastic`` (the one the cache was built for). ``cache`` is donated (consumed)."""
+        tokens = np.asarray(tokens).reshape(-1)
+        if tokens.shape[0] != cache.batch or np.any((tokens < 0) | (tokens >= self.cfg.vocab_size)):
+            raise DataError("tokens", tokens.tolist(), f"{cache.batch} token ids in [0, {self.cfg.vocab_size})")
+        return self._steps(self.resolve(elastic))[2](self.params, jnp.asarray(tokens, jnp.int32), cache)
+
     # --------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, *, lengths=None, elastic=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

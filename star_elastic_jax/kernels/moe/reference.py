@@ -4,14 +4,15 @@
 each expert's contiguous rows go through ``lax.ragged_dot_general`` against the stacked HF-layout
 weights ``up [E, F, H]`` / ``down [E, H, F]`` (no transposed copy), then are unsorted and summed.
 ``dense``: every token through every expert, combined with a one-hot weight matrix. Exact and
-simple; it is the oracle the sorted path is tested against.
+simple; it is the oracle the sorted path is tested against. ``gather``: each (token, slot) pair
+gathers its expert's weights (reads only the selected experts: the decode path).
 ``blocked`` (:mod:`star_elastic_jax.kernels.moe.blocked`): sorted, each expert's group padded to
 whole row blocks, a loop of dense per-block matmuls over the used blocks. Dropless and exact; on CPU,
 where XLA lowers ``ragged_dot`` to a masked dense matmul doing ``E`` times the useful work, it is the
 fast path. ``pallas`` (:mod:`star_elastic_jax.kernels.moe.pallas_ffn`): the Pallas grouped matmuls
 (Triton on GPU, Mosaic on TPU, interpret mode on CPU), the only one that uses the elastic prefix
-limits to skip work. ``reference`` picks ``blocked`` when ``jax.default_backend() == "cpu"``, else
-``ragged``; ``auto`` picks ``pallas`` on GPU/TPU, else ``reference``.
+limits to skip work. ``reference`` picks ``gather`` for at most ``E`` (token, slot) pairs, else
+``blocked`` when ``jax.default_backend() == "cpu"``, else ``ragged``; ``auto`` picks ``pallas`` on GPU/TPU, else ``reference``.
 """
 from __future__ import annotations
 
@@ -63,8 +64,21 @@ def expert_ffn_dense(x, idx, weights, up, down, ffn_mask=None):
     return jnp.einsum("te,teh->th", combine, out.astype(jnp.float32))
 
 
+def expert_ffn_gather(x, idx, weights, up, down, ffn_mask=None):
+    """Each (token, slot) gathers its expert's weights: ``T*k`` small matmuls. Reads only the
+    selected experts, so it is the fast path for a few tokens (decode); same contract as
+    :func:`expert_ffn_ragged`."""
+    upw = up[idx].astype(x.dtype)                              # [T, k, F, H]
+    hid = _relu2(_masked(jnp.einsum("th,tkfh->tkf", x, upw), ffn_mask))
+    out = jnp.einsum("tkf,tkhf->tkh", hid, down[idx].astype(x.dtype))
+    return jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), out.astype(jnp.float32))
+
+
 def _expert_ffn_reference(x, idx, weights, up, down, ffn_mask=None):
-    """``blocked`` on the CPU backend, ``ragged`` elsewhere (resolved at trace time)."""
+    """At trace time: ``gather`` when there are no more (token, slot) pairs than experts (decode),
+    else ``blocked`` on the CPU backend and ``ragged`` elsewhere."""
+    if idx.shape[0] * idx.shape[1] <= up.shape[0]:
+        return expert_ffn_gather(x, idx, weights, up, down, ffn_mask)
     fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
     return fn(x, idx, weights, up, down, ffn_mask)
 
@@ -83,6 +97,7 @@ def _expert_ffn_auto(x, idx, weights, up, down, ffn_mask=None, **limits):
 
 
 _IMPLS = {"ragged": expert_ffn_ragged, "dense": expert_ffn_dense, "blocked": expert_ffn_blocked,
+          "gather": expert_ffn_gather,
           "reference": _expert_ffn_reference, "pallas": _expert_ffn_pallas, "auto": _expert_ffn_auto}
 _USES_LIMITS = ("pallas", "auto")
 
