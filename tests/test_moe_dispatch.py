@@ -13,6 +13,7 @@ from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE, Nem
 
 import star_elastic_jax as sej
 from star_elastic_jax.kernels.moe import expert_ffn, expert_ffn_dense, expert_ffn_ragged
+from star_elastic_jax.kernels.moe.reference import expert_ffn_gather
 from star_elastic_jax.model.moe import MoE, route
 
 from hf_fixtures import random_model
@@ -57,10 +58,10 @@ EXPERT_CASES = {
 def test_expert_ffn_values(case, np_rng):
     x, idx, w, up, down = expert_inputs(np_rng, *EXPERT_CASES[case])
     want = numpy_oracle(x, idx, w, up, down)
-    for fn in (expert_ffn_ragged, expert_ffn_dense, gather_oracle):
+    for fn in (expert_ffn_ragged, expert_ffn_dense, expert_ffn_gather, gather_oracle):
         got = np.asarray(jax.jit(fn)(x, idx, w, up, down))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
-    for impl in ("ragged", "dense", "auto"):
+    for impl in ("ragged", "dense", "gather", "auto"):
         got = np.asarray(jax.jit(expert_ffn, static_argnames="impl")(x, idx, w, up, down, impl=impl))
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
@@ -77,7 +78,7 @@ def test_expert_ffn_gradients(case, np_rng):
 
     want = grads(gather_oracle)
     unused = sorted(set(range(up.shape[0])) - set(EXPERT_CASES[case][-1]))
-    for fn in (expert_ffn_ragged, expert_ffn_dense):
+    for fn in (expert_ffn_ragged, expert_ffn_dense, expert_ffn_gather):
         got = grads(fn)
         for name, a, b in zip(("x", "weights", "up", "down"), got, want):
             assert np.all(np.isfinite(a)), (fn.__name__, name)

@@ -89,3 +89,6 @@ def check_nested_checkpoint(workdir, tmp_path):
         assert choice.hidden == last[float(name)]["size/hidden"]
     ck = load_elastic(workdir / "elastic")
     assert set(ck.router_state["routers"]) == set(CFG.router.choice_dict)
+    from star_elastic_jax.checkpoint.orbax import read_metadata
+
+    assert read_metadata(workdir / "elastic")["tokenizer"] == CFG.data.tokenizer  # generation decodes with it

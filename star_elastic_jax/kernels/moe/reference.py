@@ -4,14 +4,14 @@
 each expert's contiguous rows go through ``lax.ragged_dot_general`` against the stacked HF-layout
 weights ``up [E, F, H]`` / ``down [E, H, F]`` (no transposed copy), then are unsorted and summed.
 ``dense``: every token through every expert, combined with a one-hot weight matrix. Exact and
-simple; it is the oracle the sorted path is tested against. ``gather``: each (token, slot) pair
-gathers its expert's weights (reads only the selected experts: the decode path).
+simple; it is the oracle the sorted path is tested against. ``gather``: a loop over the (token, slot)
+pairs, each reading only its expert's weights (the decode path).
 ``blocked`` (:mod:`star_elastic_jax.kernels.moe.blocked`): sorted, each expert's group padded to
 whole row blocks, a loop of dense per-block matmuls over the used blocks. Dropless and exact; on CPU,
 where XLA lowers ``ragged_dot`` to a masked dense matmul doing ``E`` times the useful work, it is the
 fast path. ``pallas`` (:mod:`star_elastic_jax.kernels.moe.pallas_ffn`): the Pallas grouped matmuls
 (Triton on GPU, Mosaic on TPU, interpret mode on CPU), the only one that uses the elastic prefix
-limits to skip work. ``reference`` picks ``gather`` for at most ``E`` (token, slot) pairs, else
+limits to skip work. ``reference`` picks ``gather`` for at most ``2E`` (token, slot) pairs, else
 ``blocked`` when ``jax.default_backend() == "cpu"``, else ``ragged``; ``auto`` picks ``pallas`` on GPU/TPU, else ``reference``.
 """
 from __future__ import annotations
@@ -65,19 +65,28 @@ def expert_ffn_dense(x, idx, weights, up, down, ffn_mask=None):
 
 
 def expert_ffn_gather(x, idx, weights, up, down, ffn_mask=None):
-    """Each (token, slot) gathers its expert's weights: ``T*k`` small matmuls. Reads only the
-    selected experts, so it is the fast path for a few tokens (decode); same contract as
-    :func:`expert_ffn_ragged`."""
-    upw = up[idx].astype(x.dtype)                              # [T, k, F, H]
-    hid = _relu2(_masked(jnp.einsum("th,tkfh->tkf", x, upw), ffn_mask))
-    out = jnp.einsum("tkf,tkhf->tkh", hid, down[idx].astype(x.dtype))
-    return jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), out.astype(jnp.float32))
+    """A loop over the ``T*k`` (token, slot) pairs, each reading only its expert's weights (a
+    dynamic slice that XLA fuses into the matrix-vector products: no copy of the weights). The fast
+    path for a few tokens (decode); same contract as :func:`expert_ffn_ragged`."""
+    T, k = idx.shape
+    pair_token = jnp.repeat(jnp.arange(T, dtype=jnp.int32), k)
+
+    def one(acc, pair):
+        t, e, w = pair
+        xv = lax.dynamic_index_in_dim(x, t, keepdims=False)
+        u = lax.dynamic_index_in_dim(up, e, keepdims=False).astype(x.dtype)      # [F, H]
+        d = lax.dynamic_index_in_dim(down, e, keepdims=False).astype(x.dtype)    # [H, F]
+        h = _relu2(_masked(u @ xv, ffn_mask))
+        return acc.at[t].add(w * (d @ h).astype(jnp.float32)), None
+
+    init = jnp.zeros((T, x.shape[1]), jnp.float32)
+    return lax.scan(one, init, (pair_token, idx.reshape(-1), weights.reshape(-1).astype(jnp.float32)))[0]
 
 
 def _expert_ffn_reference(x, idx, weights, up, down, ffn_mask=None):
-    """At trace time: ``gather`` when there are no more (token, slot) pairs than experts (decode),
+    """At trace time: ``gather`` for at most twice as many (token, slot) pairs as experts (decode),
     else ``blocked`` on the CPU backend and ``ragged`` elsewhere."""
-    if idx.shape[0] * idx.shape[1] <= up.shape[0]:
+    if idx.shape[0] * idx.shape[1] <= 2 * up.shape[0]:
         return expert_ffn_gather(x, idx, weights, up, down, ffn_mask)
     fn = expert_ffn_blocked if jax.default_backend() == "cpu" else expert_ffn_ragged
     return fn(x, idx, weights, up, down, ffn_mask)
