@@ -13,6 +13,10 @@ Measured on the ``--preset`` (default ``small``) with random fp32 weights that b
    weights: the engine compiles each budget once and reads only its prefix of every weight. The
    budgets are resolved by the exhaustive search over the preset's default choice lists.
 
+The "weight-read floor" is the batch-1 decode rate of a step that only reads, once, the weights
+it must read (the active fp32 parameters less the embedding table), measured in the same run as a
+jitted sum over a buffer of that size: no decode can beat it on this machine's memory bandwidth.
+
 Compilation is excluded (every function runs once before timing); each figure is the median of
 ``--repeats`` runs. Peak RSS (``ru_maxrss``) is printed after each side.
 
@@ -82,6 +86,20 @@ def build(cfg, seed):
     return hf, ours
 
 
+def bandwidth_floor_tok_s(cfg, choice, repeats: int) -> float:
+    """Decode tokens/s at batch 1 if a step did nothing but read the weights it must read once:
+    the active parameters per token (fp32), less the embedding table (one row is read). Measured as
+    a jitted sum over a buffer of that many floats, in this run."""
+    from star_elastic_jax.elastic.budget import choice_param_count
+
+    active = (cfg.param_count() if choice is None else choice_param_count(cfg, choice)).active
+    hidden = cfg.hidden_size if choice is None or choice.hidden is None else choice.hidden
+    n = int(active - cfg.vocab_size * hidden)
+    buf = jnp.ones((n,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    return 1.0 / median_time(lambda: f(buf).block_until_ready(), max(repeats, 5))
+
+
 def bench_hf(hf, prompt_ids, decode_ids, new, repeats):
     import torch
 
@@ -118,6 +136,7 @@ def bench_ours(engine, prompt_ids, decode_ids, new, repeats, budget):
     return out
 
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -142,6 +161,7 @@ def main(argv=None) -> int:
     rows, results = [], {}
     for label, choice in budgets.items():
         res = bench_ours(engine, prompt_ids, decode_ids, args.new, args.repeats, choice)
+        res["floor b=1"] = bandwidth_floor_tok_s(cfg, choice, args.repeats)
         results[label] = res
         frac = 1.0 if choice is None else sej.elastic.budget.achieved_fraction(cfg, choice)
         print(f"ours @ {label} (active {frac:.3f}): " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in res.items())
@@ -152,14 +172,17 @@ def main(argv=None) -> int:
         print("transformers: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in hf_res.items())
               + f"; peak RSS {peak_rss_gb():.2f} GB", flush=True)
     cols = ["prefill"] + list(decode_ids)
-    headers = ["path"] + [f"{c} (tok/s)" for c in cols] + ["vs full (b=1)"]
+    headers = (["path"] + [f"{c} (tok/s)" for c in cols]
+               + ["vs full (b=1)", "weight-read floor b=1 (tok/s)", "b=1 / floor"])
     full = results[next(iter(results))]["decode b=1"]
     for label, res in results.items():
-        rows.append([f"ours @ {label}"] + [f"{res[c]:.1f}" for c in cols] + [f"{res['decode b=1'] / full:.2f}x"])
+        rows.append([f"ours @ {label}"] + [f"{res[c]:.1f}" for c in cols]
+                    + [f"{res['decode b=1'] / full:.2f}x", f"{res['floor b=1']:.1f}",
+                       f"{res['decode b=1'] / res['floor b=1']:.0%}"])
     if hf_res:
-        rows.append(["transformers generate"] + [f"{hf_res[c]:.1f}" for c in cols] + ["-"])
+        rows.append(["transformers generate"] + [f"{hf_res[c]:.1f}" for c in cols] + ["-", "-", "-"])
         rows.append(["ours @ full / transformers"] + [f"{results[next(iter(results))][c] / hf_res[c]:.1f}x"
-                                                     for c in cols] + ["-"])
+                                                     for c in cols] + ["-", "-", "-"])
     print()
     print(f"preset {args.preset}, prompt {args.prompt}, {args.new} new tokens, median of {args.repeats}, "
           f"backend {jax.default_backend()}, peak RSS {peak_rss_gb():.2f} GB")

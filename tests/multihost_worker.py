@@ -51,7 +51,7 @@ def main() -> int:
 
     model = model_from_params(model_cfg, random_params(model_cfg, seed=0))
     mesh = sh.make_mesh(sh.MeshConfig(data=nproc))
-    optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.0, clip_norm=1.0)
+    optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
     ts = TrainStep("ce", model_cfg, optim, total_steps=STEPS, mesh=mesh, fast_compile=True)
     state = ts.init_state(model, seed=0)
     step = ts.train_step(1, ROWS, SEQ)

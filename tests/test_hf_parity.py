@@ -251,7 +251,15 @@ def _variant(good_dir, tmp_path, edit) -> str:
 
 
 def test_good_dir_loads(good_dir):
-    sej.from_hf(good_dir)  # the variants below differ from this only by the stated defect
+    """The variants below differ from this directory only by the stated defect; it loads, with every
+    tensor equal to the file's, and gives transformers' logits."""
+    model = sej.from_hf(good_dir)
+    hf = load_hf(good_dir)
+    tokens = np.random.default_rng(7).integers(0, 256, size=(1, 21))
+    assert_logits_close(forward(model, tokens), hf_logits(hf, tokens))
+    stored = load_file(os.path.join(good_dir, "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(model.lm_head[...]), stored["lm_head.weight"])
+    np.testing.assert_array_equal(np.asarray(model.embeddings[...]), stored["backbone.embeddings.weight"])
 
 
 @pytest.mark.parametrize("key", ["backbone.layers.3.mixer.experts.2.down_proj.weight",

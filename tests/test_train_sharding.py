@@ -35,8 +35,10 @@ def two_steps(mesh, *, save_to=None):
     state = ts.init_state(parent, router, seed=0)
     teacher = ts.teacher_from(parent)
     step = ts.train_step(N_MICRO, ROWS, SEQ)
+    p0 = leaves(state["params"])
     state, m1 = step(state, teacher, ts.put_batch(batch(0), N_MICRO), BUDGETS)
     p1 = leaves(state["params"])
+    assert any(not np.array_equal(p0[k], p1[k]) for k in p1), "step 1 must move the parameters"
     if save_to is not None:
         with TrainCheckpointer(save_to) as ck:
             ck.save(1, state, meta={"mesh": list(mesh.axis_sizes)})

@@ -6,6 +6,7 @@ The KD setup here (:func:`kd_objects`) is shared with test_train_sharding and te
 the steps they compile on one device are compiled once per session."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -49,7 +50,10 @@ def make_config(*extra):
 
 
 CFG = make_config()
-MODEL, ROUTER, OPTIM, TOTAL = CFG.model, CFG.router, CFG.optim, CFG.total_steps
+MODEL, ROUTER, TOTAL = CFG.model, CFG.router, CFG.total_steps
+# No warmup: the first update is real (warmup from 0 would make step 1 a no-op and every "after one
+# step" comparison vacuous).
+OPTIM = dataclasses.replace(CFG.optim, warmup_steps=0)
 
 
 def one_device_mesh():
@@ -197,8 +201,10 @@ def test_ce_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 8 rows (equal token counts) == one micro-batch of 16 rows, after one
     AdamW step (CE mode: no router noise, so the two are the same computation up to rounding)."""
     mesh = one_device_mesh()
-    ts = TrainStep("ce", MODEL, CFG.pretrain.optim, CFG.pretrain.steps, mesh, fast_compile=CFG.fast_compile)
+    optim = dataclasses.replace(CFG.pretrain.optim, warmup_steps=0)
+    ts = TrainStep("ce", MODEL, optim, CFG.pretrain.steps, mesh, fast_compile=CFG.fast_compile)
     parent, _ = parent_and_router()
+    before = leaves(ts.init_state(parent, seed=0)["params"])
     b = batch(3, full_mask=True)
     results = []
     for n_micro in (1, 2):
@@ -211,3 +217,5 @@ def test_ce_gradient_accumulation_equals_one_big_batch():
     assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
     for k in p1:
         np.testing.assert_allclose(p2[k], p1[k], rtol=0, atol=1e-6, err_msg=k)
+    moved = [float(np.abs(p1[k] - before[k]).max()) for k in p1]
+    assert min(moved) > 1e-5, "the AdamW step must move every parameter (by about lr)"

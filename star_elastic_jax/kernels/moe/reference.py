@@ -80,7 +80,8 @@ def expert_ffn_gather(x, idx, weights, up, down, ffn_mask=None):
         return acc.at[t].add(w * (d @ h).astype(jnp.float32)), None
 
     init = jnp.zeros((T, x.shape[1]), jnp.float32)
-    return lax.scan(one, init, (pair_token, idx.reshape(-1), weights.reshape(-1).astype(jnp.float32)))[0]
+    pairs = (pair_token, idx.reshape(-1), weights.reshape(-1).astype(jnp.float32))
+    return lax.scan(one, init, pairs)[0]
 
 
 def _expert_ffn_reference(x, idx, weights, up, down, ffn_mask=None):
