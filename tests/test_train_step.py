@@ -215,7 +215,10 @@ def test_ce_gradient_accumulation_equals_one_big_batch():
     (p1, m1), (p2, m2) = results
     assert float(m1["ce_loss"][0]) == pytest.approx(float(np.mean(m2["ce_loss"])), rel=1e-5)
     assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
+    # Adam's first update is lr * g / (|g| + eps) per coordinate: rounding differences between the two
+    # gradient sums are amplified where |g| is small, up to ~0.2% of lr here (measured 6e-6 at lr 3e-3).
+    # 1% of lr bounds that and is still 100x below the update itself (about lr for every coordinate).
     for k in p1:
-        np.testing.assert_allclose(p2[k], p1[k], rtol=0, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(p2[k], p1[k], rtol=0, atol=1e-2 * optim.lr, err_msg=k)
     moved = [float(np.abs(p1[k] - before[k]).max()) for k in p1]
     assert min(moved) > 1e-5, "the AdamW step must move every parameter (by about lr)"
