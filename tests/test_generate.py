@@ -279,3 +279,20 @@ def test_engine_steps_at_a_budget_equal_the_sliced_forward(model, np_rng):
         assert _rel(logits[b], want[n - 1]) <= REL and _rel(step[b], want[n]) <= REL
     with pytest.raises(DataError, match="cache"):
         engine.prefill(ids, cache=engine.new_cache(3, 12, elastic="0.577"), elastic="0.577")
+
+
+def test_engines_of_one_config_share_their_compiled_functions_but_not_weights(model, np_rng):
+    import gc
+    import weakref
+
+    ids = np_rng.integers(3, CFG.vocab_size, (1, 5)).astype(np.int32)
+    first = sej.generate(model, ids, 6)
+    other = random_model(CFG, seed=9)
+    e1, e2 = Engine(model), Engine(other)
+    assert e1._steps(None) is e2._steps(None)                      # one executable per config and budget
+    assert not np.array_equal(e2.generate(ids, 6), first)          # ... run on each engine's own weights
+    np.testing.assert_array_equal(sej.generate(model, ids, 6), first)
+    probe = weakref.ref(e2)
+    del e2
+    gc.collect()
+    assert probe() is None  # nothing shared keeps an engine (and its weights) alive

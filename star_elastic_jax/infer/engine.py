@@ -109,6 +109,7 @@ class Engine:
         # References to the model's own arrays: the engine adds no copy of the weights.
         self.params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
         self._compiled: dict[Any, Any] = {}
+        self._named: dict[Any, ResolvedChoice] = {}
         self.stats = GenerationStats()
 
     # ------------------------------------------------------------------------------------ budgets
@@ -119,11 +120,14 @@ class Engine:
             return None
         if isinstance(elastic, (ElasticChoice, ResolvedChoice)):
             r = ensure_resolved(self.cfg, elastic, depth_order=self.depth_order)
+        elif isinstance(elastic, (str, int, float)) and not isinstance(elastic, bool) and elastic in self._named:
+            r = self._named[elastic]  # a name or fraction already resolved (the search runs once)
         else:
             from star_elastic_jax.elastic.budget import resolve_budget_rule
 
             choice, _ = resolve_budget_rule(self, elastic, resolver=self.resolver, field="elastic")
             r = ensure_resolved(self.cfg, choice, depth_order=self.depth_order)
+            self._named[elastic] = r
         return r
 
     def _view(self, r: ResolvedChoice | None):
@@ -131,21 +135,31 @@ class Engine:
         from star_elastic_jax.elastic.slicing import slice_params, sliced_config
         from star_elastic_jax.model.model import abstract_model
 
-        cfg = self.cfg if r is None else sliced_config(self.cfg, r)
+        parent = self.cfg  # closures below must not hold the engine (they outlive it, see _shared)
+        cfg = parent if r is None else sliced_config(parent, r)
         graphdef, abstract = nnx.split(abstract_model(cfg))
         flat = list(nnx.to_flat_state(abstract))
 
         def build(params):
             if r is not None:
-                params = slice_params(self.cfg, params, r)[1]
+                params = slice_params(parent, params, r)[1]
             return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(params[tuple(p)])) for p, v in flat]))
 
         return cfg, build
 
+    def _shared(self, key, make):
+        """The jitted functions for ``key``, shared by every engine of the same config and depth
+        order (they take the parameters as arguments, so no engine keeps another's weights alive)."""
+        full = (self.cfg, self.depth_order) + key
+        if full not in _SHARED:
+            _SHARED[full] = make()
+        self._compiled[key] = _SHARED[full]
+        return _SHARED[full]
+
     def _functions(self, r: ResolvedChoice | None, sampling: SamplingParams, rule: StopRule):
-        key = (r, sampling, rule)
-        if key in self._compiled:
-            return self._compiled[key]
+        return self._shared((r, sampling, rule), lambda: self._make_functions(r, sampling, rule))
+
+    def _make_functions(self, r: ResolvedChoice | None, sampling: SamplingParams, rule: StopRule):
         cfg, build = self._view(r)
 
         def prefill_fn(params, tokens, lengths, cache, segment_ids, rng):
@@ -169,20 +183,18 @@ class Engine:
 
             return jax.lax.while_loop(cond, body, state)
 
-        fns = (cfg, jax.jit(prefill_fn, donate_argnums=(3,)), jax.jit(loop_fn, donate_argnums=(1,)))
-        self._compiled[key] = fns
-        return fns
+        return cfg, jax.jit(prefill_fn, donate_argnums=(3,)), jax.jit(loop_fn, donate_argnums=(1,))
 
     # ------------------------------------------------------------------------------- single steps
     def _steps(self, r: ResolvedChoice | None):
-        key = ("steps", r)
-        if key not in self._compiled:
+        def make():
             cfg, build = self._view(r)
             pre = jax.jit(lambda params, tokens, lengths, cache, seg, fresh: prefill(
                 build(params), tokens, lengths, cache, seg, fresh=fresh), static_argnums=(5,), donate_argnums=(3,))
             dec = jax.jit(lambda params, tokens, cache: decode(build(params), tokens, cache), donate_argnums=(2,))
-            self._compiled[key] = (cfg, pre, dec)
-        return self._compiled[key]
+            return cfg, pre, dec
+
+        return self._shared(("steps", r), make)
 
     def new_cache(self, batch: int, max_len: int, *, elastic=None) -> HybridCache:
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens at budget ``elastic``."""
@@ -396,28 +408,16 @@ def generate(model, input_ids, max_new_tokens: int, *, elastic=None, temperature
     """Generate from ``model`` (a :class:`NemotronH`): ``[B, T + max_new_tokens]`` int32 (the prompt,
     the new tokens, ``pad_token_id`` after a row stops). ``elastic``: a budget name or fraction
     (resolved by the exhaustive search over the config's choice lists), an :class:`ElasticChoice`,
-    or None. The functions are compiled per call; reuse an :class:`Engine` to keep them."""
-    engine = _engine_for(model)
+    or None. Each (config, budget, sampling, stop rule) compiles once per process; the compiled
+    functions hold no weights."""
+    engine = Engine(model)  # cheap: the compiled functions are shared per config (see Engine._shared)
     return engine.generate(input_ids, max_new_tokens, lengths=lengths, elastic=elastic, temperature=temperature,
                            top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, stop=stop, seed=seed,
                            max_len=max_len, pad_token_id=pad_token_id)
 
 
-_ENGINES: "dict[int, Engine]" = {}
-
-
-def _engine_for(model) -> Engine:
-    """One engine per live model object, so repeated :func:`generate` calls reuse its compiled
-    budgets; rebuilt when the model's parameter arrays have been replaced."""
-    import weakref
-
-    leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
-    e = _ENGINES.get(id(model))
-    if e is None or e._model_ref() is not model or any(a is not b for a, b in zip(e.params.values(), leaves)):
-        e = Engine(model)
-        e._model_ref = weakref.ref(model)
-        _ENGINES[id(model)] = e
-    return e
+# (cfg, depth_order, budget, sampling, stop rule) -> jitted functions; they hold no parameters.
+_SHARED: dict[Any, Any] = {}
 
 
 __all__ = ["Engine", "GenerationStats", "StopRule", "generate"]
