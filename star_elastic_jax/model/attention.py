@@ -69,9 +69,13 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, L, _ = x.shape
         dh, nkv = cfg.head_dim, cfg.num_key_value_heads
-        q = linear(x, self.q_proj[...]).reshape(b, L, nkv, -1, dh)  # [b, L, kv, rep, d]
-        k = linear(x, self.k_proj[...]).reshape(b, L, nkv, dh)
-        v = linear(x, self.v_proj[...]).reshape(b, L, nkv, dh)
+        # One fused q|k|v matmul: one input-gradient and one weight-gradient matmul in the backward.
+        nq = self.q_proj.shape[0]
+        w = jnp.concatenate([self.q_proj[...], self.k_proj[...], self.v_proj[...]], axis=0)
+        q, k, v = jnp.split(linear(x, w), [nq, nq + nkv * dh], axis=-1)
+        q = q.reshape(b, L, nkv, -1, dh)  # [b, L, kv, rep, d]
+        k = k.reshape(b, L, nkv, dh)
+        v = v.reshape(b, L, nkv, dh)
         out = causal_attention(q, k, v, segment_ids)
         if masks is not None:  # AttentionMasks; query heads are kv-group-major
             out = out * masks.heads.reshape(nkv, -1)[:, :, None].astype(out.dtype)
