@@ -113,6 +113,20 @@ def hf_mamba_path() -> str:
     return f"kernels ({', '.join(have)} installed)" if have else "torch reference (no mamba_ssm / causal_conv1d)"
 
 
+def gemm_floor(cfg: sej.ModelConfig, tokens: int, repeats: int) -> float:
+    """Seconds of one ``jnp.dot`` [tokens, hidden] x [hidden, N] with the FLOPs of the forward's
+    weight matmuls (N chosen to match), the median of ``repeats``."""
+    from common import time_fn
+
+    flops = 2 * tokens * (cfg.param_count().active - cfg.vocab_size * cfg.hidden_size)
+    k = cfg.hidden_size
+    n = max(1, round(flops / (2 * tokens * k)))
+    a = jnp.ones((tokens, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    return time_fn(lambda: dot(a, b), repeats=max(repeats, 3), warmup=1).median
+
+
 def global_norm(tree) -> float:
     return float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))))
 
@@ -213,8 +227,14 @@ def main(argv=None) -> int:
         checks.append(["forward+backward", "ours loss", loss_ours, loss_hf])
         checks.append(["forward+backward", "rel grad-norm diff", abs(gnorm_ours - gnorm_hf) / gnorm_hf, gnorm_hf])
 
+    floor = gemm_floor(cfg, tokens, args.repeats)
+    for r in rows:
+        r.append(f"{(floor if r[0] == 'forward' else 3 * floor) / r[2]:.0%}")
     print(markdown_table(["path", "HF transformers (s)", "ours (s)", "speedup (HF/ours)", "HF tokens/s",
-                          "ours tokens/s", "ours compile (s)"], rows))
+                          "ours tokens/s", "ours compile (s)", "ours vs GEMM floor"], rows))
+    print(f"\n(GEMM floor: one plain jnp.dot with the FLOPs of the model's weight matmuls for these tokens, "
+          f"2 x tokens x (active params - embedding table), measured in this run: {floor:.3f} s forward, "
+          "3x that for forward+backward; attention scores and the SSD are extra work on top)")
     print("\n(ours compile = trace + lower + XLA compile, once; excluded from the timed columns)")
     print("timing spread (min / max s): " + "; ".join(f"{path} {who} {t.min:.3g} / {t.max:.3g}"
                                                      for path, who, t in spread))
