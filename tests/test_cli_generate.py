@@ -125,3 +125,38 @@ def test_info_prints_the_cache_per_budget(ckpts, capsys):
 
     assert human_bytes(per_tok) in line and human_bytes(per_seq) in line
     assert np.isfinite(per_seq)
+
+
+def test_compile_cache_is_used_across_processes(ckpts, tmp_path):
+    """A second process finds the first one's executables (JAX's persistent cache); run in
+    subprocesses so the cache setting does not leak into this test process."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+    cmd = [sys.executable, "-m", "star_elastic_jax.cli", "--compile-cache", str(cache), "generate", "--ckpt",
+           ckpts["plain"], "--prompt", "ab", "--max-new-tokens", "4"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    def entries():
+        return {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache) if f.endswith("-cache")}
+
+    before = entries()
+    assert before, "no executable was cached"
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert entries() == before  # every executable read back, none compiled and written again
+
+
+def test_compile_cache_refuses_a_file_or_a_foreign_directory(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert main(["--compile-cache", str(f), "info", "--config", "tiny"]) == 2
+    assert "--compile-cache" in capsys.readouterr().err
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep")
+    assert main(["--compile-cache", str(d), "info", "--config", "tiny"]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (d / "notes.txt").read_text() == "keep"
