@@ -153,8 +153,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tok = engine.tokenizer
     kw = dict(elastic=budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, seed=args.seed)
-    ids, lens = engine.encode_prompts(prompts)
     if args.stream:
+        ids, lens = engine.encode_prompts(prompts)
         print(f"[{len(prompts)} prompt(s), streaming]", file=sys.stderr)
         done = [""] * len(prompts)
         gen = [[] for _ in prompts]
@@ -170,8 +170,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print()
         texts = done
     else:
-        out = engine.generate(ids, args.max_new_tokens, lengths=lens, **kw)
-        texts = [tok.decode(out[b, int(lens[b]):].tolist()) for b in range(len(prompts))]
+        texts = engine.generate_text(prompts, args.max_new_tokens, **kw)
     if not (args.stream and len(prompts) == 1):
         for p, t in zip(prompts, texts):
             print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False) if args.prompts else t)

@@ -87,13 +87,14 @@ class Engine:
 
     ``model``: a :class:`NemotronH` (the permuted parent of an elastic checkpoint, or any plain
     model). ``budgets`` / ``choice_lists``: the stored budgets (name -> choice) and choice lists
-    that names and fractions resolve against (as ``slice`` does); ``resolver``: optional
-    ``(cfg, fraction) -> ElasticChoice`` (a trained budget router). ``tokenizer``: for the text
+    that names and fractions resolve against (as ``slice`` does); ``resolver_for``: optional
+    ``budget -> ChoiceResolver | None`` choosing the trained router for a budget, else the search
+    (:func:`star_elastic_jax.export.elastic.router_resolver` bound to the checkpoint). ``tokenizer``: for the text
     helpers. ``max_len``: the cache length (default: prompt + new tokens of each call).
     """
 
     def __init__(self, model, *, tokenizer=None, budgets: Mapping[str, ElasticChoice] | None = None,
-                 choice_lists: Mapping[str, Sequence[int]] | None = None, resolver: Callable | None = None,
+                 choice_lists: Mapping[str, Sequence[int]] | None = None, resolver_for: Callable | None = None,
                  max_len: int | None = None):
         self.model = model
         self.cfg: ModelConfig = model.cfg
@@ -101,7 +102,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.budgets = dict(budgets or {})
         self.choice_lists = None if choice_lists is None else {k: list(v) for k, v in choice_lists.items()}
-        self.resolver = resolver
+        self.resolver_for = resolver_for
         if max_len is not None:
             _check_positive("max_len", max_len)
         self.max_len = max_len
@@ -125,7 +126,8 @@ class Engine:
         else:
             from star_elastic_jax.elastic.budget import resolve_budget_rule
 
-            choice, _ = resolve_budget_rule(self, elastic, resolver=self.resolver, field="elastic")
+            resolver = None if self.resolver_for is None else self.resolver_for(elastic)
+            choice, _ = resolve_budget_rule(self, elastic, resolver=resolver, field="elastic")
             r = ensure_resolved(self.cfg, choice, depth_order=self.depth_order)
             self._named[elastic] = r
         return r

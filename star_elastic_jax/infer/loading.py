@@ -46,36 +46,13 @@ def load_engine(path: str | os.PathLike, *, verify: bool = True, max_len: int | 
         from star_elastic_jax.checkpoint.orbax import load_model
 
         return Engine(load_model(path, verify=verify), tokenizer=tokenizer, max_len=max_len)
-    from star_elastic_jax.checkpoint.elastic import load_elastic, read_elastic, trained_router
+    from star_elastic_jax.checkpoint.elastic import load_elastic, read_elastic
+    from star_elastic_jax.export.elastic import router_resolver
 
     ck = load_elastic(path, verify=verify)
     info = read_elastic(path, verify=False)  # verified by load_elastic
-    router = trained_router(info)
-    trained = (info.router_config or {}).get("budgets") or []
-
-    def resolver(cfg, fraction):  # the trained router within its trained budgets, as `slice` does
-        return router.choice(fraction) if fraction >= min(trained) else None
-
-    engine = Engine(ck.model, tokenizer=tokenizer, budgets=ck.budgets, choice_lists=ck.choice_lists,
-                    resolver=None if router is None or not trained else _RouterOrSearch(resolver, info),
-                    max_len=max_len)
-    return engine
-
-
-class _RouterOrSearch:
-    """A resolver that asks the trained router inside its trained budgets and otherwise defers to
-    the exhaustive search (``resolve_budget_rule`` without a resolver)."""
-
-    def __init__(self, router_fn, info):
-        self.router_fn, self.info = router_fn, info
-
-    def __call__(self, cfg, fraction):
-        choice = self.router_fn(cfg, fraction)
-        if choice is not None:
-            return choice
-        from star_elastic_jax.elastic.budget import resolve_budget_rule
-
-        return resolve_budget_rule(self.info, fraction)[0]
+    return Engine(ck.model, tokenizer=tokenizer, budgets=ck.budgets, choice_lists=ck.choice_lists,
+                  resolver_for=lambda budget: router_resolver(info, budget), max_len=max_len)
 
 
 __all__ = ["checkpoint_kind", "load_engine"]
