@@ -150,6 +150,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     budget = args.budget
     if budget is not None and budget not in engine.budgets:
         budget = parse_fraction(budget, "--budget", names=tuple(engine.budgets))
+    engine.resolve(budget, field="--budget")  # a budget the checkpoint cannot honour fails here, before compiling
     tok = engine.tokenizer
     kw = dict(elastic=budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, seed=args.seed)

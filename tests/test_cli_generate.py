@@ -160,3 +160,8 @@ def test_compile_cache_refuses_a_file_or_a_foreign_directory(tmp_path, capsys):
     (d / "notes.txt").write_text("keep")
     assert main(["--compile-cache", str(d), "info", "--config", "tiny"]) == 2
     assert "notes.txt" in capsys.readouterr().err and (d / "notes.txt").read_text() == "keep"
+
+
+def test_a_budget_below_the_choice_lists_names_the_flag(ckpts, capsys):
+    rc, _, err = _run(capsys, "--ckpt", ckpts["elastic"], "--budget", "0.01", "--prompt", "x")
+    assert rc == 2 and err.startswith("error: --budget=") and len(err.strip().splitlines()) == 1, err

@@ -114,9 +114,10 @@ class Engine:
         self.stats = GenerationStats()
 
     # ------------------------------------------------------------------------------------ budgets
-    def resolve(self, elastic) -> ResolvedChoice | None:
+    def resolve(self, elastic, *, field: str = "elastic") -> ResolvedChoice | None:
         """``None`` (the full model), a stored budget name, a fraction, an :class:`ElasticChoice` or
-        a :class:`ResolvedChoice` -> the resolved choice (``None`` for the full model)."""
+        a :class:`ResolvedChoice` -> the resolved choice (``None`` for the full model). ``field``
+        names the argument in errors."""
         if elastic is None:
             return None
         if isinstance(elastic, (ElasticChoice, ResolvedChoice)):
@@ -127,7 +128,7 @@ class Engine:
             from star_elastic_jax.elastic.budget import resolve_budget_rule
 
             resolver = None if self.resolver_for is None else self.resolver_for(elastic)
-            choice, _ = resolve_budget_rule(self, elastic, resolver=resolver, field="elastic")
+            choice, _ = resolve_budget_rule(self, elastic, resolver=resolver, field=field)
             r = ensure_resolved(self.cfg, choice, depth_order=self.depth_order)
             self._named[elastic] = r
         return r
